@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv if needed, then runs the fast test suite.
+# Extra arguments go to pytest (e.g. scripts/test.sh -m slow, scripts/test.sh -m realdata).
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$repo/scripts/bootstrap.sh"
+cd "$repo"
+exec python -m pytest "$@"
