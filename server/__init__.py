@@ -1,0 +1,19 @@
+"""Stage 3: serve a Triton-layout model repository over the KServe v2 / Triton gRPC protocol.
+
+Read top to bottom, a request meets these modules:
+
+  cli.py         `server --model-repository DIR ...` (click; flags and env vars from config.py)
+  app.py         wiring and lifecycle: start, load, ready, SIGTERM drain, exit
+  repository.py  scan the repository, parse config.pbtxt, versions, load order
+  runtime.py     onnxruntime sessions: providers (CPU/CUDA), optimizations, threads
+  registry.py    the loaded models by name and version; loading them
+  servicer.py    the GRPCInferenceService RPCs
+  protocol.py    ModelInfer decoding/validation and response encoding (+ classification)
+  batcher.py     dynamic batching: queue, batch forming, compute in a worker thread
+  ensemble.py    ensemble steps, each member through its own batcher
+  statistics.py  Triton ModelStatistics counters
+  metrics.py     Prometheus metrics on the metrics port
+  health.py      grpc.health.v1 and server reflection
+
+The server never imports torch.
+"""

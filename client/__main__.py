@@ -1,0 +1,5 @@
+"""`python -m client` = the `client` console script."""
+
+from client.cli import main
+
+main()

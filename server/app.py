@@ -1,0 +1,199 @@
+"""Wire the server together and run its lifecycle.
+
+  start:    read the repository, check the device, open the metrics port, start gRPC
+            (live at once, not ready), load the models (members before ensembles),
+            then turn ready (ServerReady, ModelReady, grpc.health.v1 SERVING).
+  SIGTERM / SIGINT:  turn not-ready, answer new inference requests UNAVAILABLE, let the
+            requests in flight finish (up to --grace-period), stop gRPC, exit 0.
+            A second signal exits at once.
+
+A problem found before serving (bad repository, `--device cuda` without CUDA, a port
+in use, a bad TLS or token setting, no model loadable) is a `StartupError`: one line,
+exit status 2. A model that fails to load is one too with --strict; without it, that
+model is logged (one line), counted (ensemble_server_model_load_failures_total), shown
+UNAVAILABLE in RepositoryIndex, and the others serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+import grpc
+
+from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.config import ServerSettings
+from server.health import HealthReporter, enable_reflection
+from server.metrics import ServerMetrics
+from server.registry import load_models
+from server.repository import RepositoryError, load_order, load_order_skipping_broken, scan_repository
+from server.runtime import DeviceError, choose_providers
+from server.security import (
+    AUTH_TOKENS_ENV,
+    BearerTokenInterceptor,
+    SecurityConfigError,
+    load_auth_tokens,
+    server_credentials,
+)
+from server.servicer import InferenceServicer, ServerState
+
+log = logging.getLogger("server")
+
+# After in-flight inference has finished, how long other RPCs (health watches,
+# metadata calls) get before gRPC cancels them.
+FINAL_STOP_GRACE_S = 1.0
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why."""
+
+
+def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", settings.max_message_size),
+        ("grpc.max_receive_message_length", settings.max_message_size),
+        # Fail on a port already in use instead of silently sharing it with another process.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("second %s: exiting now without draining", name)
+            os._exit(1)
+        log.info("%s received: shutting down", name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+def _security(settings: ServerSettings, metrics: ServerMetrics) -> tuple[grpc.ServerCredentials | None, list]:
+    """TLS credentials (None: plaintext) and interceptors (token auth) from the settings."""
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise SecurityConfigError("--tls-cert and --tls-key go together")
+    credentials = None
+    if settings.tls_cert:
+        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    tokens = load_auth_tokens(settings.auth_tokens_file, os.environ.get(AUTH_TOKENS_ENV))
+    interceptors = []
+    if tokens:
+        interceptors.append(BearerTokenInterceptor(
+            tokens, on_reject=lambda reason: metrics.unauthenticated.labels(reason=reason).inc()))
+    log.info("gRPC security: %s; %s",
+             "plaintext" if credentials is None else
+             "TLS with client certificates required (mutual TLS)" if settings.tls_client_ca else "TLS",
+             f"bearer tokens required ({len(tokens)} accepted; health checks open)" if tokens else "no authentication")
+    return credentials, interceptors
+
+
+async def serve(settings: ServerSettings) -> None:
+    try:
+        repository = scan_repository(settings.model_repository)
+        if settings.strict:
+            specs, failed = load_order(repository, settings.models), None
+        else:
+            specs, failed = load_order_skipping_broken(repository, settings.models)
+            if not specs:
+                raise RepositoryError("no model could be loaded: " + "; ".join(failed.values()))
+        choose_providers(settings.device)  # `--device cuda` without CUDA fails here, before any port opens
+    except (RepositoryError, DeviceError) as error:
+        raise StartupError(str(error)) from None
+    names = [spec.name for spec in specs]
+    for name, reason in repository.errors.items():
+        if name not in names and name not in (failed or {}):
+            log.warning("not loading %s: %s", name, reason)
+
+    metrics = ServerMetrics()
+    try:
+        credentials, interceptors = _security(settings, metrics)
+    except SecurityConfigError as error:
+        raise StartupError(str(error)) from None
+    try:
+        metrics.serve(settings.metrics_address, settings.metrics_port)
+    except OSError as error:
+        address = f"{settings.metrics_address}:{settings.metrics_port}"
+        raise StartupError(f"cannot serve metrics on {address}: {error}") from None
+
+    state = ServerState()
+    server = grpc.aio.server(options=_grpc_options(settings), interceptors=interceptors,
+                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state, repository, metrics), server)
+    health = HealthReporter(server)
+    enable_reflection(server)
+    try:
+        if credentials is None:
+            server.add_insecure_port(settings.grpc_address)
+        else:
+            server.add_secure_port(settings.grpc_address, credentials)
+    except RuntimeError as error:
+        metrics.shutdown()
+        raise StartupError(f"cannot listen for gRPC on {settings.grpc_address}: {error}") from None
+    await server.start()
+    await health.starting(names)
+    log.info("gRPC on %s (live, not ready); loading %d model(s) from %s: %s", settings.grpc_address,
+             len(names), settings.model_repository, ", ".join(names))
+
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    try:
+        started = time.perf_counter()
+        loading = asyncio.create_task(load_models(specs, settings, metrics, failed))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():  # a signal during loading: leave without serving
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            return
+        stopping.cancel()
+        try:
+            state.registry = loading.result()
+        except (RepositoryError, DeviceError) as error:
+            raise StartupError(str(error)) from None
+        names = _report_load_failures(failed or {}, names, repository, metrics)
+        state.ready = True
+        metrics.ready.set(1)
+        await health.serving(names)
+        log.info("ready: %d model(s) loaded in %.1f s", len(names), time.perf_counter() - started)
+
+        await stop.wait()
+        await _drain(state, settings.grace_period_s, health, metrics)
+    finally:
+        await server.stop(FINAL_STOP_GRACE_S)
+        await state.registry.close()
+        metrics.shutdown()
+    log.info("stopped")
+
+
+def _report_load_failures(failed: dict[str, str], names: list[str], repository, metrics: ServerMetrics) -> list[str]:
+    """Without --strict: one log line and one metric per model that failed to load, its
+    reason shown by RepositoryIndex; returns the names that did load. Nothing loaded at all
+    is still a start-up failure."""
+    for name, reason in failed.items():
+        log.error("model %s failed to load and is not served: %s", name, reason)
+        metrics.load_failures.labels(model=name).inc()
+        repository.errors[name] = reason
+    loaded = [name for name in names if name not in failed]
+    if failed and not loaded:
+        raise StartupError("no model could be loaded: " + "; ".join(failed.values()))
+    return loaded
+
+
+async def _drain(state: ServerState, grace_period_s: float, health: HealthReporter, metrics: ServerMetrics) -> None:
+    state.draining = True
+    metrics.ready.set(0)
+    await health.shutting_down()
+    log.info("not ready; waiting up to %.1f s for %d request(s) in flight", grace_period_s, state.in_flight)
+    if await state.wait_idle(grace_period_s):
+        log.info("all in-flight requests finished")
+    else:
+        log.warning("grace period over with %d request(s) still in flight; they are cancelled", state.in_flight)

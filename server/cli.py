@@ -1,0 +1,44 @@
+"""`server --model-repository DIR`: the command line (console script `server`, or `python -m server`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from server.app import StartupError, serve
+from server.config import ServerSettings, apply_settings_options
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@apply_settings_options
+def main(**options) -> None:
+    """Serve a Triton-layout model repository of ONNX models and ensembles over the
+    KServe v2 / Triton gRPC protocol (tritonclient, perf_analyzer and KServe clients work
+    unmodified), with dynamic batching, grpc.health.v1, server reflection and Prometheus
+    metrics.
+
+    \b
+    Example:
+      server --model-repository model_repository --model cifar10
+      perf_analyzer -m cifar10 -i grpc -u localhost:8001 --concurrency-range 1:16:4
+      curl localhost:8002/metrics
+
+    Ready (ServerReady, grpc.health.v1 SERVING) once every model has loaded. On SIGTERM
+    or SIGINT it turns not-ready, finishes the requests in flight within --grace-period,
+    and exits 0. Start-up problems print one line and exit 2.
+    """
+    settings = ServerSettings(**options)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as error:
+        click.echo(f"server: error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

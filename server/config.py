@@ -1,0 +1,150 @@
+"""Server settings: one dataclass, filled from command-line flags or environment variables.
+
+Every flag has an environment-variable twin named ENSEMBLE_SERVER_<FLAG> (for example
+`--grpc-port` <-> ENSEMBLE_SERVER_GRPC_PORT), which is how containers configure it.
+A flag given on the command line wins over the environment.
+
+`settings_options` is the list of click options the `server` command is built from;
+keeping them next to the dataclass means a new setting is added in one file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+
+ENV_PREFIX = "ENSEMBLE_SERVER_"
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# When a config.pbtxt leaves max_queue_size at 0 ("unbounded" in Triton) we still bound
+# the queue, so that an overload answers RESOURCE_EXHAUSTED instead of growing memory.
+DEFAULT_MAX_QUEUE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_repository: Path
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "0.0.0.0"
+    device: str = "auto"
+    models: tuple[str, ...] = ()  # empty: every model in the repository
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    inter_op_threads: int = 0
+    spinning: bool = False
+    max_message_size: int = 64 * 1024 * 1024
+    log_level: str = "info"
+    # Batching overrides; None keeps what each model's config.pbtxt says.
+    max_queue_delay_us: int | None = None
+    max_queue_size: int | None = None
+    dynamic_batching: bool = True
+    grace_period_s: float = 30.0
+    # Reliability and security (server/security.py); all off by default.
+    strict: bool = False  # a model that fails to load fails the start-up
+    metrics_host: str | None = None  # None: the same as `host`
+    max_concurrent_rpcs: int | None = None  # None: unbounded
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics_host or self.host
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+def _option(flag: str, *names: str, **kwargs) -> Callable:
+    """A click option that also reads ENSEMBLE_SERVER_<FLAG> and shows it in --help."""
+    env_name = flag.split("/")[0].lstrip("-")
+    return click.option(flag, *names, envvar=_env(env_name), show_envvar=True, **kwargs)
+
+
+settings_options: list[Callable] = [
+    _option("--model-repository", "model_repository", required=True,
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            help="Triton-layout model repository: one folder per model with config.pbtxt and "
+                 "numbered version folders holding model.onnx."),
+    _option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
+            help="Port of the KServe v2 / Triton gRPC inference service (plus health and reflection)."),
+    _option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True,
+            help="Port of the Prometheus /metrics endpoint."),
+    _option("--host", default="0.0.0.0", show_default=True, help="Address both ports listen on."),
+    _option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+            help="auto: CUDA when onnxruntime has it, else CPU (the fallback is logged and shown in "
+                 "metrics and ModelConfig). cuda: fail at start-up when CUDA is unavailable."),
+    _option("--model", "models", multiple=True,
+            help="Load only this model (repeatable; an ensemble brings its steps; the environment "
+                 "variable takes names separated by spaces). Default: every model."),
+    _option("--intra-op-threads", type=click.IntRange(0), default=0, show_default=True,
+            help="onnxruntime threads inside one operator (0: onnxruntime decides)."),
+    _option("--inter-op-threads", type=click.IntRange(0), default=0, show_default=True,
+            help="onnxruntime threads across independent operators (0: onnxruntime decides)."),
+    _option("--spinning/--no-spinning", "spinning", default=False, show_default=True,
+            help="Let onnxruntime's threads busy-wait for work: lower latency on a dedicated, idle "
+                 "machine; on shared cores it steals CPU from everything else."),
+    _option("--max-message-size", type=click.IntRange(1024), default=64 * 1024 * 1024, show_default=True,
+            help="Largest gRPC message, in bytes, sent or received."),
+    _option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+            help="Log verbosity (logs go to stderr)."),
+    _option("--max-queue-delay-us", type=click.IntRange(0), default=None,
+            help="Override every model's dynamic_batching max_queue_delay_microseconds: how long "
+                 "the oldest queued request may wait for a fuller batch."),
+    _option("--max-queue-size", type=click.IntRange(1), default=None,
+            help=f"Override every model's queue bound (requests waiting, not yet computing); "
+                 f"beyond it requests get RESOURCE_EXHAUSTED. Default: config.pbtxt's "
+                 f"default_queue_policy.max_queue_size, or {DEFAULT_MAX_QUEUE_SIZE} when that is 0."),
+    _option("--dynamic-batching/--no-dynamic-batching", "dynamic_batching", default=True, show_default=True,
+            help="Gather concurrent requests into one onnxruntime call (models whose config.pbtxt "
+                 "has dynamic_batching). Off: every request runs alone."),
+    _option("--grace-period", "grace_period_s", type=click.FloatRange(0), default=30.0, show_default=True,
+            help="Seconds to finish in-flight requests after SIGTERM/SIGINT before exiting."),
+    # -- reliability and security (server/security.py) --
+    _option("--strict/--no-strict", "strict", default=False, show_default=True,
+            help="A model that fails to load (corrupt ONNX, bad config.pbtxt, missing version folder) "
+                 "stops the start-up. Default: it is logged, counted in "
+                 "ensemble_server_model_load_failures_total and listed UNAVAILABLE in RepositoryIndex, "
+                 "and the other models serve."),
+    _option("--metrics-host", default=None,
+            help="Address the metrics port listens on, e.g. 127.0.0.1 to keep /metrics off the "
+                 "network while gRPC listens on --host. Default: --host."),
+    _option("--max-concurrent-rpcs", type=click.IntRange(1), default=None,
+            help="Most gRPC calls handled at once (health watches included); beyond it gRPC answers "
+                 "RESOURCE_EXHAUSTED. Bounds memory to about this many x --max-message-size. "
+                 "Default: unbounded (the per-model queues still bound inference)."),
+    _option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+            help="Serve gRPC over TLS with this certificate (PEM; with its chain). Needs --tls-key."),
+    _option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+            help="Private key (PEM) of --tls-cert."),
+    _option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+            help="Mutual TLS: accept only clients presenting a certificate signed by this CA (PEM). "
+                 "Needs --tls-cert and --tls-key."),
+    _option("--auth-tokens-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+            help="Require 'authorization: Bearer <token>' metadata on every call except grpc.health.v1 "
+                 "(others get UNAUTHENTICATED). The file holds one token per line ('#' comments). "
+                 "Tokens can also come, comma-separated, from $ENSEMBLE_SERVER_AUTH_TOKENS. "
+                 "Use with TLS: in plaintext tokens can be read off the network."),
+]
+
+
+def apply_settings_options(command: Callable) -> Callable:
+    for option in reversed(settings_options):
+        command = option(command)
+    return command
+
+
+def settings_from_env() -> dict[str, str]:
+    """The ENSEMBLE_SERVER_* variables set in this environment (for the start-up log)."""
+    return {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIX)}

@@ -1,0 +1,122 @@
+"""Prometheus metrics on the metrics port (DESIGN.md §5).
+
+Names follow Prometheus conventions (base units, `_total` counters, `_seconds`
+histograms) and carry `model` and `version` labels:
+
+  ensemble_server_requests_total{outcome}            ModelInfer calls by outcome: success,
+                                                     invalid_argument, not_found, unavailable,
+                                                     resource_exhausted, deadline_exceeded, cancelled,
+                                                     internal
+  ensemble_server_request_duration_seconds           end to end inside the server
+  ensemble_server_queue_duration_seconds             arrival -> start of its batch's execution
+  ensemble_server_compute_duration_seconds           one execution (batch forming + onnxruntime + split)
+  ensemble_server_batch_size                         elements per execution
+  ensemble_server_executions_total                   executions (compare with requests: batching)
+  ensemble_server_pending_requests                   queued, not yet executing
+  ensemble_server_model_load_duration_seconds        session creation + warm-up
+  ensemble_server_model_execution_provider_info      1, with provider= the provider actually used,
+                                                     requested= the first one asked for
+  ensemble_server_ready                              1 when every model has loaded and not draining
+  ensemble_server_model_load_failures_total{model}   models that failed to load (reason: the log line
+                                                     and RepositoryIndex); only without --strict
+  ensemble_server_unauthenticated_requests_total{reason}  calls refused for a missing or invalid
+                                                     bearer token (--auth-tokens-file)
+
+Each model version gets a `ModelMetrics` holding its pre-labelled children, so the
+hot path does no label lookups. Requests naming an unknown model are counted under
+model="" (the name a client sent is not used as a label: it is unbounded).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ensemble_server"
+OUTCOMES = ("success", "invalid_argument", "not_found", "unavailable", "resource_exhausted",
+            "deadline_exceeded", "cancelled", "internal")  # fmt: skip
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ModelMetrics:
+    """The children of every per-model metric for one model version."""
+
+    def __init__(self, metrics: ServerMetrics, model: str, version: str):
+        labels = {"model": model, "version": version}
+        self.requests = {outcome: metrics.requests.labels(outcome=outcome, **labels) for outcome in OUTCOMES}
+        self.request_duration = metrics.request_duration.labels(**labels)
+        self.queue_duration = metrics.queue_duration.labels(**labels)
+        self.compute_duration = metrics.compute_duration.labels(**labels)
+        self.batch_size = metrics.batch_size.labels(**labels)
+        self.executions = metrics.executions.labels(**labels)
+        self.pending = metrics.pending.labels(**labels)
+        self._load_duration = metrics.load_duration.labels(**labels)
+        self._provider = metrics.provider
+        self._labels = labels
+
+    def record_load(self, seconds: float, provider: str, requested: str) -> None:
+        self._load_duration.set(seconds)
+        self._provider.labels(provider=provider, requested=requested, **self._labels).set(1)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        disable_created_metrics()  # no `_created` series: they double the output and nobody graphs them
+        self.registry = CollectorRegistry()
+        labels = ("model", "version")
+        kwargs = {"registry": self.registry}
+        self.requests = Counter(f"{PREFIX}_requests", "ModelInfer requests by outcome (gRPC status).",
+                                (*labels, "outcome"), **kwargs)
+        self.request_duration = Histogram(f"{PREFIX}_request_duration_seconds",
+                                          "ModelInfer time inside the server, arrival to response.",
+                                          labels, buckets=LATENCY_BUCKETS, **kwargs)
+        self.queue_duration = Histogram(f"{PREFIX}_queue_duration_seconds",
+                                        "Time a request waited in the batcher queue before its execution began.",
+                                        labels, buckets=LATENCY_BUCKETS, **kwargs)
+        self.compute_duration = Histogram(f"{PREFIX}_compute_duration_seconds",
+                                          "Time of one model execution: batch forming, onnxruntime, splitting.",
+                                          labels, buckets=LATENCY_BUCKETS, **kwargs)
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Batch elements per model execution.",
+                                    labels, buckets=BATCH_BUCKETS, **kwargs)
+        self.executions = Counter(f"{PREFIX}_executions", "Model executions (onnxruntime calls).", labels, **kwargs)
+        self.pending = Gauge(f"{PREFIX}_pending_requests", "Requests queued and not yet executing.",
+                             labels, **kwargs)
+        self.load_duration = Gauge(f"{PREFIX}_model_load_duration_seconds",
+                                   "Time to create the model's session and warm it up.", labels, **kwargs)
+        self.provider = Gauge(f"{PREFIX}_model_execution_provider_info",
+                              "1 for the onnxruntime execution provider the model actually runs on.",
+                              (*labels, "provider", "requested"), **kwargs)
+        self.ready = Gauge(f"{PREFIX}_ready", "1 when all models are loaded and the server is not draining.",
+                           **kwargs)
+        self.load_failures = Counter(f"{PREFIX}_model_load_failures",
+                                     "Models that failed to load (the reason is in the log and RepositoryIndex).",
+                                     ("model",), **kwargs)
+        self.unauthenticated = Counter(f"{PREFIX}_unauthenticated_requests",
+                                       "Calls refused with UNAUTHENTICATED: bearer token missing or invalid.",
+                                       ("reason",), **kwargs)
+        # Requests refused before a model is known (unknown name, not ready yet) count under
+        # model="": create those series now so that they exist from the first scrape.
+        for outcome in ("not_found", "unavailable"):
+            self.requests.labels(model="", version="", outcome=outcome)
+        self._http_server = None
+
+    def for_model(self, model: str, version: str) -> ModelMetrics:
+        return ModelMetrics(self, model, version)
+
+    def count_unknown_model_request(self, outcome: str) -> None:
+        self.requests.labels(model="", version="", outcome=outcome).inc()
+
+    def serve(self, host: str, port: int) -> None:
+        """Start the /metrics HTTP endpoint in a background thread."""
+        self._http_server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", host, self._http_server.server_port)
+
+    def shutdown(self) -> None:
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.server_close()
+            self._http_server = None

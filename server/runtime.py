@@ -1,0 +1,162 @@
+"""onnxruntime sessions: which execution provider, which optimizations, which threads.
+
+`choose_providers` turns `--device auto|cpu|cuda` into onnxruntime's provider list
+(`--device cuda` without a usable CUDA provider is a start-up error). `OnnxModel`
+wraps one InferenceSession of one model version: it checks that the graph matches the
+model's config.pbtxt, records the provider the session really runs on (onnxruntime
+silently drops CUDA when its libraries are missing; we notice and say so), and runs
+inference. `run` is called from worker threads: onnxruntime releases the GIL while it
+computes, and one session may be run from several threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.repository import ModelSpec, RepositoryError, TensorSpec
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+# onnxruntime's element type strings -> protocol datatype names.
+_ONNX_TYPES = {
+    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+}  # fmt: skip
+
+
+class DeviceError(Exception):
+    """The requested device cannot be used (a start-up error)."""
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    device: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    # onnxruntime's worker threads busy-wait for work by default. On a server whose cores
+    # are shared (several models, the gRPC loop, other processes) that burns the CPU the
+    # others need; measured here it made a CPU-bound model slower, so it is off by default.
+    spinning: bool = False
+
+
+def cuda_available() -> bool:
+    return CUDA in ort.get_available_providers()
+
+
+def choose_providers(device: str, instance_kind: str = "KIND_AUTO") -> list[str]:
+    """Provider list for a session. `--device` decides; with `auto` a config.pbtxt
+    instance_group of KIND_CPU keeps that model on the CPU."""
+    if device == "cpu" or (device == "auto" and instance_kind == "KIND_CPU"):
+        return [CPU]
+    if device == "cuda":
+        if not cuda_available():
+            raise DeviceError(
+                f"--device cuda, but onnxruntime {ort.__version__} has no {CUDA} "
+                f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                f"(the 'gpu' extra) on a machine with a CUDA driver, or use --device auto or cpu"
+            )
+        return [CUDA, CPU]
+    if device != "auto":
+        raise DeviceError(f"unknown device {device!r}; expected auto, cpu or cuda")
+    return [CUDA, CPU] if cuda_available() else [CPU]
+
+
+def _session_options(settings: SessionSettings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    spinning = "1" if settings.spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    return options
+
+
+def _check_tensor(kind: str, spec: TensorSpec, onnx_type: str, onnx_shape: list, batching: bool, model: str) -> None:
+    datatype = _ONNX_TYPES.get(onnx_type, onnx_type)
+    if datatype != spec.datatype:
+        raise RepositoryError(f"model {model!r}: {kind} {spec.name!r} is {spec.datatype} in config.pbtxt "
+                              f"but {datatype} in the ONNX graph")
+    expected = spec.shape(batching)
+    # Symbolic or unknown graph dimensions (strings, None) accept anything; a fixed one must
+    # match the config, and a fixed batch dimension cannot take the batches we form.
+    mismatch = len(onnx_shape) != len(expected) or any(
+        isinstance(actual, int) and actual >= 0 and declared != actual
+        for declared, actual in zip(expected, onnx_shape)
+    )
+    if mismatch:
+        raise RepositoryError(f"model {model!r}: {kind} {spec.name!r} has shape {expected} in config.pbtxt "
+                              f"but {onnx_shape} in the ONNX graph")
+
+
+class OnnxModel:
+    """One loaded ONNX model version."""
+
+    def __init__(self, spec: ModelSpec, version: str, settings: SessionSettings):
+        self.spec = spec
+        self.version = version
+        kind = self._instance_kind(spec)
+        self.requested_providers = choose_providers(settings.device, kind)
+        path: Path = spec.model_file(version)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=_session_options(settings),
+                                                providers=self.requested_providers)
+        except Exception as error:  # onnxruntime raises its own exception types for bad files
+            raise RepositoryError(f"model {spec.name!r} version {version}: onnxruntime cannot load "
+                                  f"{path}: {error}") from None
+        self.provider = self.session.get_providers()[0]
+        self.fell_back_to_cpu = self.requested_providers[0] == CUDA and self.provider != CUDA
+        if self.fell_back_to_cpu:
+            if settings.device == "cuda":
+                raise DeviceError(f"model {spec.name!r}: --device cuda, but onnxruntime could not create a "
+                                  f"CUDA session (it fell back to {self.provider}); check the CUDA/cuDNN libraries")
+            log.warning("model %s version %s: CUDA was available but the session fell back to %s",
+                        spec.name, version, self.provider)
+        self._check_signature()
+        self.output_names = [tensor.name for tensor in spec.outputs]
+
+    @staticmethod
+    def _instance_kind(spec: ModelSpec) -> str:
+        groups = spec.config.instance_group
+        return groups[0].Kind.Name(groups[0].kind) if groups else "KIND_AUTO"
+
+    def _check_signature(self) -> None:
+        """config.pbtxt must describe the graph: every input (all of them), every output it
+        declares, with the same datatypes and compatible shapes."""
+        name = self.spec.name
+        graph_inputs = {node.name: node for node in self.session.get_inputs()}
+        graph_outputs = {node.name: node for node in self.session.get_outputs()}
+        declared_inputs = {spec.name for spec in self.spec.inputs}
+        if declared_inputs != set(graph_inputs):
+            raise RepositoryError(f"model {name!r}: config.pbtxt inputs {sorted(declared_inputs)} differ from "
+                                  f"the ONNX graph's inputs {sorted(graph_inputs)}")
+        for kind, specs, graph in (("input", self.spec.inputs, graph_inputs),
+                                   ("output", self.spec.outputs, graph_outputs)):
+            for spec in specs:
+                if spec.name not in graph:
+                    raise RepositoryError(f"model {name!r}: config.pbtxt output {spec.name!r} is not an "
+                                          f"output of the ONNX graph (it has {sorted(graph)})")
+                node = graph[spec.name]
+                _check_tensor(kind, spec, node.type, list(node.shape), self.spec.batching, name)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+    def warm_up(self) -> None:
+        """One inference on zeros so that the first client request does not pay for
+        lazy allocations (skipped when a dimension other than the batch is variable)."""
+        if any(dim < 0 for spec in self.spec.inputs for dim in spec.dims):
+            return
+        batch = [1] if self.spec.batching else []
+        self.run({spec.name: np.zeros([*batch, *spec.dims], dtype=spec.dtype) for spec in self.spec.inputs})

@@ -1,0 +1,183 @@
+"""The `inference.GRPCInferenceService` implementation (KServe v2 / Triton over gRPC).
+
+Every RPC answers from the registry and the server state; ModelInfer decodes the
+request (server.protocol), awaits the model's scheduler (batcher or ensemble) and
+encodes the answer. Failures become gRPC statuses with a one-line message; nothing a
+client sends can take the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib import metadata
+
+import grpc
+
+from ensemble_serving.protocol import grpc_service_pb2 as pb
+from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.metrics import ServerMetrics
+from server.protocol import InferenceError, decode_request, encode_response
+from server.registry import ModelRegistry
+from server.repository import Repository
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "ensemble-serving"
+EXTENSIONS = ("classification", "model_configuration", "statistics")
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("ensemble-serving")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class ServerState:
+    """Ready once every model has loaded; draining after SIGTERM. Counts requests in
+    flight so that shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.registry = ModelRegistry()
+        self.ready = False
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin_request(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def end_request(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+
+_OUTCOME = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
+    grpc.StatusCode.NOT_FOUND: "not_found",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
+}
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, state: ServerState, repository: Repository, metrics: ServerMetrics):
+        self.state = state
+        self.repository = repository
+        self.metrics = metrics
+        self.version = _server_version()
+
+    # -- server ------------------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.state.ready and not self.state.draining)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+
+    # -- models ------------------------------------------------------------------------
+    async def ModelReady(self, request, context):
+        try:
+            self.state.registry.get(request.name, request.version)
+        except InferenceError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.state.ready and not self.state.draining)
+
+    async def ModelMetadata(self, request, context):
+        try:
+            return self.state.registry.metadata(request.name, request.version)
+        except InferenceError as error:
+            await context.abort(error.code, error.message)
+
+    async def ModelConfig(self, request, context):
+        try:
+            model = self.state.registry.get(request.name, request.version)
+        except InferenceError as error:
+            await context.abort(error.code, error.message)
+        return pb.ModelConfigResponse(config=model.config)
+
+    async def ModelStatistics(self, request, context):
+        log.debug("ModelStatistics name=%r version=%r", request.name, request.version)
+        registry = self.state.registry
+        try:
+            if not request.name:
+                models = list(registry)
+            elif request.version:
+                models = [registry.get(request.name, request.version)]
+            else:
+                registry.get(request.name)  # NOT_FOUND for an unknown name
+                models = list(registry.versions(request.name).values())
+        except InferenceError as error:
+            await context.abort(error.code, error.message)
+        return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
+
+    async def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for name in self.repository.names:
+            loaded = self.state.registry.versions(name)
+            if loaded:
+                for version in sorted(loaded, key=int):
+                    response.models.add(name=name, version=version, state="READY" if self.state.ready else "LOADING")
+            elif not request.ready:
+                reason = self.repository.errors.get(name, "not loaded (not selected with --model)")
+                response.models.add(name=name, state="UNAVAILABLE", reason=reason)
+        return response
+
+    # -- inference ---------------------------------------------------------------------
+    async def ModelInfer(self, request, context):
+        start = time.perf_counter()
+        state = self.state
+        model = None
+        state.begin_request()
+        try:
+            if not state.ready or state.draining:
+                raise InferenceError(grpc.StatusCode.UNAVAILABLE,
+                                     "the server is shutting down" if state.draining
+                                     else "the server is not ready: models are still loading")
+            model = state.registry.get(request.model_name, request.model_version)
+            decoded = decode_request(request, model.spec)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            outputs = await model.scheduler.infer(decoded.inputs, decoded.batch_size, deadline)
+            response = encode_response(request, model.spec, model.version, outputs, decoded.outputs)
+        except InferenceError as error:
+            self._count(model, _OUTCOME.get(error.code, "internal"), start)
+            await context.abort(error.code, error.message)
+        except asyncio.CancelledError:
+            # The client cancelled, or its deadline passed; gRPC has already answered it.
+            remaining = context.time_remaining()
+            self._count(model, "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled", start)
+            raise
+        except Exception as error:  # a bug must cost one request, not the server
+            log.exception("ModelInfer %s failed", request.model_name)
+            self._count(model, "internal", start)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+        finally:
+            state.end_request()
+        self._count(model, "success", start)
+        return response
+
+    def _count(self, model, outcome: str, start: float) -> None:
+        if model is None:
+            self.metrics.count_unknown_model_request(outcome)
+            return
+        model.metrics.requests[outcome].inc()
+        model.metrics.request_duration.observe(time.perf_counter() - start)
+        if outcome == "invalid_argument":
+            model.stats.record_failure(int((time.perf_counter() - start) * 1e9))

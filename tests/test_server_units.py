@@ -1,0 +1,244 @@
+"""The server's parts in process: repository validation, request decoding, the batcher.
+
+End-to-end behaviour (a real server subprocess on a real port) is in the other
+tests/test_server_*.py files; these pin down the rules that are easier to see alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from ensemble_serving.protocol import grpc_service_pb2 as pb
+from server.batcher import BatchingPolicy, DynamicBatcher
+from server.metrics import ServerMetrics
+from server.protocol import InferenceError, classify, decode_request, encode_response, serialize_bytes
+from server.repository import RepositoryError, load_order, scan_repository
+from server.runtime import DeviceError, choose_providers, cuda_available
+from server.statistics import ModelStats
+
+
+@pytest.fixture
+def repository_copy(tiny_repository, tmp_path):
+    """A private copy of the tiny repository that a test may break."""
+    return shutil.copytree(tiny_repository.path, tmp_path / "repository")
+
+
+# --- repository ---------------------------------------------------------------------------
+def test_load_order_puts_members_before_the_ensemble(tiny_repository):
+    order = [spec.name for spec in load_order(scan_repository(tiny_repository.path))]
+    assert order.index(tiny_repository.ensemble) > max(order.index(name) for name in tiny_repository.members)
+    assert order.index(tiny_repository.ensemble) > order.index(tiny_repository.average)
+
+
+def test_selecting_an_ensemble_brings_its_steps(tiny_repository):
+    order = [spec.name for spec in load_order(scan_repository(tiny_repository.path), [tiny_repository.ensemble])]
+    assert sorted(order) == sorted([*tiny_repository.members, tiny_repository.average, tiny_repository.ensemble])
+    only = load_order(scan_repository(tiny_repository.path), [tiny_repository.members[0]])
+    assert [spec.name for spec in only] == [tiny_repository.members[0]]
+
+
+def test_spec_reads_signature_and_labels(tiny_repository):
+    spec = scan_repository(tiny_repository.path).specs[tiny_repository.members[0]]
+    assert spec.inputs[0].shape(spec.batching) == [-1, *tiny_repository.image_shape]
+    assert spec.outputs[0].labels == tiny_repository.class_names
+    assert spec.versions == ("1",)
+
+
+def _edit_config(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        (lambda root, r: (root / r.members[0] / "1" / "model.onnx").unlink(), "missing"),
+        (lambda root, r: _edit_config(root / r.members[0] / "config.pbtxt", "max_batch_size", "max_batch_sise"),
+         "not a valid Triton ModelConfig"),
+        (lambda root, r: _edit_config(root / r.members[0] / "config.pbtxt", f'name: "{r.members[0]}"', 'name: "x"'),
+         "must match the folder name"),
+        (lambda root, r: shutil.rmtree(root / r.average), "needed by ensemble"),
+        (lambda root, r: _edit_config(root / r.ensemble / "config.pbtxt",
+                                      'value: "probabilities_1"\n    }\n  }\n  step',
+                                      'value: "probabilities_9"\n    }\n  }\n  step'),
+         "neither an ensemble input nor an output of an earlier step"),
+        (lambda root, r: _edit_config(root / r.members[0] / "config.pbtxt", '"onnxruntime_onnx"', '"tensorrt_plan"'),
+         "is not served"),
+    ],
+    ids=["missing-onnx-file", "config-typo", "name-mismatch", "ensemble-step-missing", "unwired-tensor",
+         "unsupported-platform"],
+)
+def test_broken_repository_is_refused_with_the_model_named(repository_copy, tiny_repository, breakage, expected):
+    breakage(repository_copy, tiny_repository)
+    with pytest.raises(RepositoryError, match=expected) as error:
+        load_order(scan_repository(repository_copy))
+    assert "model" in str(error.value) or "ensemble" in str(error.value)
+
+
+def test_onnx_graph_must_match_config(repository_copy, tiny_repository):
+    from server.runtime import OnnxModel, SessionSettings
+
+    member = tiny_repository.members[0]
+    _edit_config(repository_copy / member / "config.pbtxt", "dims: 10", "dims: 11")
+    spec = scan_repository(repository_copy).specs[member]
+    with pytest.raises(RepositoryError, match=r"shape \[-1, 11\] in config.pbtxt"):
+        OnnxModel(spec, "1", SessionSettings("cpu", 1, 1))
+
+
+def test_device_cuda_without_cuda_is_refused():
+    if cuda_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match="--device cuda"):
+        choose_providers("cuda")
+    assert choose_providers("auto") == ["CPUExecutionProvider"]
+
+
+# --- request decoding -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def member_spec(tiny_repository):
+    return scan_repository(tiny_repository.path).specs[tiny_repository.members[0]]
+
+
+def _request(images: np.ndarray, typed: bool = False, model: str = "m") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, id="abc")
+    tensor = request.inputs.add(name="images", datatype="UINT8", shape=images.shape)
+    if typed:
+        tensor.contents.uint_contents.extend(images.reshape(-1).tolist())
+    else:
+        request.raw_input_contents.append(images.tobytes())
+    return request
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["raw", "typed"])
+def test_decode_raw_and_typed_agree(member_spec, tiny_repository, typed):
+    images = tiny_repository.images(3)
+    decoded = decode_request(_request(images, typed), member_spec)
+    assert decoded.batch_size == 3
+    np.testing.assert_array_equal(decoded.inputs["images"], images)
+    assert decoded.inputs["images"].dtype == np.uint8
+
+
+def test_encode_uses_raw_outputs_and_echoes_id(member_spec, tiny_repository):
+    probabilities = np.full((2, 10), 0.1, np.float32)
+    request = _request(tiny_repository.images(2))
+    decoded = decode_request(request, member_spec)
+    response = encode_response(request, member_spec, "1", {"probabilities": probabilities}, decoded.outputs)
+    assert response.id == "abc" and response.model_version == "1"
+    assert list(response.outputs[0].shape) == [2, 10] and response.outputs[0].datatype == "FP32"
+    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], np.float32).reshape(2, 10),
+                                  probabilities)
+
+
+def test_classification_is_top_k_with_labels_and_survives_nan():
+    scores = np.array([[0.1, 0.7, 0.2], [np.nan, 0.5, np.inf]], np.float32)
+    data, shape = classify(scores, 2, ("a", "b", "c"))
+    assert shape == [2, 2]
+    assert data == serialize_bytes([b"0.700000:1:b", b"0.200000:2:c", b"inf:2:c", b"0.500000:1:b"])
+
+
+def test_typed_values_out_of_range_are_refused(member_spec, tiny_repository):
+    request = _request(tiny_repository.images(1), typed=True)
+    request.inputs[0].contents.uint_contents[0] = 300
+    with pytest.raises(InferenceError, match="outside the UINT8 range") as error:
+        decode_request(request, member_spec)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- the batcher -----------------------------------------------------------------------------
+def _batcher(run, *, delay_s=0.05, max_batch_size=8, queue=16, dynamic=True):
+    policy = BatchingPolicy(max_batch_size, delay_s, queue, dynamic)
+    stats = ModelStats("m", "1")
+    return DynamicBatcher("m", "1", run, policy, stats, ServerMetrics().for_model("m", "1")), stats
+
+
+def test_batcher_gathers_concurrent_requests_and_splits_results():
+    calls = []
+
+    def run(inputs):
+        calls.append(inputs["x"].shape[0])
+        return {"y": inputs["x"] * 2}
+
+    async def scenario():
+        batcher, stats = _batcher(run)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.infer({"x": np.full((1, 2), i, np.float32)}, 1, None)
+                                         for i in range(5)))
+        await batcher.close()
+        return results, stats
+
+    results, stats = asyncio.run(scenario())
+    assert calls == [5]  # one execution for five requests
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], np.full((1, 2), 2 * i))
+    assert (stats.execution_count, stats.inference_count) == (1, 5)
+
+
+def test_batcher_respects_max_batch_size_and_disabled_batching():
+    sizes = []
+
+    def run(inputs):
+        sizes.append(inputs["x"].shape[0])
+        return {"y": inputs["x"]}
+
+    async def scenario(dynamic):
+        batcher, _ = _batcher(run, max_batch_size=4, dynamic=dynamic, delay_s=0.01)
+        batcher.start()
+        await asyncio.gather(*(batcher.infer({"x": np.zeros((1, 1))}, 1, None) for _ in range(10)))
+        await batcher.close()
+
+    asyncio.run(scenario(True))
+    assert max(sizes) <= 4 and sum(sizes) == 10 and len(sizes) < 10
+    sizes.clear()
+    asyncio.run(scenario(False))
+    assert sizes == [1] * 10
+
+
+def test_batcher_bounded_queue_and_expired_deadline():
+    executed = []
+
+    def run(inputs):
+        executed.append(inputs["x"].shape[0])
+        return {"y": inputs["x"]}
+
+    async def scenario():
+        batcher, stats = _batcher(run, delay_s=0.2, queue=2)
+        batcher.start()
+        expired = asyncio.ensure_future(batcher.infer({"x": np.zeros((1, 1))}, 1, time.monotonic() + 0.05))
+        fine = asyncio.ensure_future(batcher.infer({"x": np.zeros((1, 1))}, 1, None))
+        await asyncio.sleep(0)
+        with pytest.raises(InferenceError) as full:
+            await batcher.infer({"x": np.zeros((1, 1))}, 1, None)
+        with pytest.raises(InferenceError) as late:
+            await expired
+        await fine
+        await batcher.close()
+        return full.value, late.value, stats
+
+    full, late, stats = asyncio.run(scenario())
+    assert full.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_size 2" in full.message
+    assert late.code == grpc.StatusCode.DEADLINE_EXCEEDED and "dropped before compute" in late.message
+    assert executed == [1]  # the expired request never reached the model
+    assert stats.fail.count == 2  # the refused one and the expired one (Triton counts both as failures)
+
+
+def test_batcher_survives_a_failing_model():
+    def run(inputs):
+        raise RuntimeError("boom")
+
+    async def scenario():
+        batcher, _ = _batcher(run, delay_s=0)
+        batcher.start()
+        with pytest.raises(InferenceError) as error:
+            await batcher.infer({"x": np.zeros((1, 1))}, 1, None)
+        await batcher.close()
+        return error.value
+
+    error = asyncio.run(scenario())
+    assert error.code == grpc.StatusCode.INTERNAL and "boom" in error.message

@@ -1,0 +1,335 @@
+"""The trainer end to end on tiny generated data sets (written in the real on-disk formats).
+
+Real training on the shared data sets is in the realdata-marked tests at the bottom and
+in the run dirs under runs/; these tests check the machinery: run dir contents, reload
+to identical outputs, ensembles, DDP under torchrun, resume after Ctrl-C, bad input.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads: spinning OpenMP threads make the shared 2-core machine crawl (see trainer/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import gzip
+import json
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ensemble_serving.datasets import load_dataset
+from trainer import data as tdata
+from trainer.checkpoint import load_serving_model, serving_model_from
+from trainer.cli import main
+from trainer.recipes import get_recipe
+from trainer.train import Environment, RunSpec, lr_factor, train_run
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data"
+RUN_DIR_FILES = {"model.safetensors", "config.json", "metrics.csv", "history.json", "curves.png",
+                 "confusion_matrix.png", "confusion_matrix.json", "per_class.csv"}  # fmt: skip
+
+pytestmark = pytest.mark.filterwarnings("ignore::ensemble_serving.datasets.DatasetChecksumWarning")
+
+
+@pytest.fixture(autouse=True)
+def few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- tiny data sets
+
+
+def _learnable_images(n: int, size: int, channels: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Noise plus a bright 4x4 patch whose position encodes the class: learnable in an epoch."""
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 60, (n, size, size, channels)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        y, x = 4 + row * 10, 2 + col * 5
+        images[i, y : y + 4, x : x + 4, :] = 255
+    return images, labels
+
+
+def _idx(array: np.ndarray) -> bytes:
+    return struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mnist-data")
+    folder = root / "MNIST" / "raw"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 600), ("t10k", 200)):
+        images, labels = _learnable_images(n, 28, 1, rng)
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images[..., 0])))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels.astype(np.uint8)))  # raw: both forms
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar-data")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, n in [(f"data_batch_{i}", 100) for i in range(1, 6)] + [("test_batch", 100)]:
+        images, labels = _learnable_images(n, 32, 3, rng)
+        data = images.transpose(0, 3, 1, 2).reshape(n, -1)
+        (folder / name).write_bytes(pickle.dumps({"data": data, "labels": labels.tolist()}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    return root
+
+
+def _invoke(args: list[str]):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp_path):
+    out = tmp_path / "runs"
+    result = _invoke(["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), "--output-dir", str(out),
+                      "--epochs", "1", "--batch-size", "64", "--seeds", "0,1", "--val-fraction", "0.2",
+                      "--no-download"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Summary" in result.output and "ensemble of 2" in result.output
+    test = load_dataset("mnist", "test", tiny_mnist, download=False)
+    accuracies = []
+    for seed in (0, 1):
+        run_dir = out / f"mnist-lenet-s{seed}"
+        assert RUN_DIR_FILES <= {p.name for p in run_dir.iterdir()}
+        assert not (run_dir / "checkpoint.pt").exists(), "a finished run drops its resume state"
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["format_version"] == 1 and config["status"] == "complete"
+        assert config["architecture"] == "lenet" and config["seed"] == seed
+        assert config["input"] == {"height": 28, "width": 28, "channels": 1, "dtype": "uint8", "layout": "NHWC"}
+        assert config["normalization"] == {"mean": [0.1307], "std": [0.3081]}
+        assert config["train_samples"] == 480 and config["val_samples"] == 120
+        assert config["hyperparameters"]["epochs"] == 1 and config["versions"]["torch"] == torch.__version__
+        assert len(config["metrics"]) and config["training"]["train_seconds"] > 0
+
+        # The recorded figure is exactly what the reloaded serving model gives on uint8 images.
+        model, loaded_config = load_serving_model(run_dir)
+        assert loaded_config == config
+        with torch.no_grad():
+            probs = model(torch.from_numpy(test.images)).numpy()
+        assert probs.dtype == np.float32 and probs.shape == (200, 10)
+        np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+        accuracy = float((probs.argmax(1) == test.labels).mean())
+        assert accuracy == config["metrics"]["test_accuracy"]
+        accuracies.append(accuracy)
+
+        per_class = (run_dir / "per_class.csv").read_text().splitlines()
+        assert per_class[0] == "class,accuracy,precision,recall,f1,support" and len(per_class) == 11
+        cm = json.loads((run_dir / "confusion_matrix.json").read_text())["matrix"]
+        assert np.trace(np.array(cm)) == round(accuracy * 200)
+        assert len(json.loads((run_dir / "history.json").read_text())) == 1
+    assert max(accuracies) > 0.3, "one epoch on the patch data must beat chance (10%)"
+    ensemble = json.loads((out / "mnist-lenet-ensemble.json").read_text())
+    assert ensemble["members"] == [str(out / "mnist-lenet-s0"), str(out / "mnist-lenet-s1")]
+
+
+def test_airbench_run_reloads_to_identical_outputs(tiny_cifar, tmp_path):
+    """Whitening init, lookahead, BN-bias lr scaling, flip TTA: the reloaded module matches bit for bit."""
+    hyper = get_recipe("airbench")
+    hyper.update(epochs=1, batch_size=100, arch_args={"widths": [16, 32, 32], "whiten_width": 12})
+    train = load_dataset("cifar10", "train", tiny_cifar, download=False)
+    test = load_dataset("cifar10", "test", tiny_cifar, download=False)
+    spec = RunSpec(dataset="cifar10", architecture="airbench", hyper=hyper, seed=3, run_dir=tmp_path / "air",
+                   val_fraction=0.1, precision="fp32")  # fmt: skip
+    summary = train_run(spec, Environment(torch.device("cpu")), train, test, console=_quiet_console())
+    config = summary["config"]
+    assert config["serving"] == {"hflip_tta": True} and config["hyperparameters"]["lookahead"] is True
+
+    in_memory = serving_model_from(summary["network"], config).eval()
+    reloaded, _ = load_serving_model(tmp_path / "air")
+    images = torch.from_numpy(test.images)
+    with torch.no_grad():
+        assert torch.equal(in_memory(images), reloaded(images))
+        # TTA really averages over the mirror image: a mirrored input gives the same output.
+        np.testing.assert_allclose(reloaded(images.flip(2)).numpy(), reloaded(images).numpy(), atol=1e-5)
+
+
+def _quiet_console():
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"))
+
+
+# --------------------------------------------------------------------------- distributed and resume
+
+
+def _trainer_subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_torchrun_two_processes_on_cpu(tiny_mnist, tmp_path):
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+               "-m", "trainer", "train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), "--output-dir", str(out),
+               "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--no-download", "--threads", "1"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=280, env=_trainer_subprocess_env(), cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 processes" in done.stdout
+    config = json.loads((out / "mnist-lenet-s0" / "config.json").read_text())
+    assert config["training"]["world_size"] == 2 and config["status"] == "complete"
+    assert RUN_DIR_FILES <= {p.name for p in (out / "mnist-lenet-s0").iterdir()}
+    load_serving_model(out / "mnist-lenet-s0")
+
+
+def test_ctrl_c_leaves_a_checkpoint_that_resume_finishes(tiny_mnist, tmp_path):
+    out = tmp_path / "runs"
+    base = [sys.executable, "-m", "trainer", "train", "--dataset", "mnist", "--data-dir", str(tiny_mnist),
+            "--output-dir", str(out), "--batch-size", "64", "--no-download", "--threads", "1"]  # fmt: skip
+    run_dir = out / "mnist-lenet-s0"
+    process = subprocess.Popen(base + ["--epochs", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_trainer_subprocess_env(), cwd=REPO)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoint.pt").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint after two minutes"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stdout + stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    interrupted = json.loads((run_dir / "config.json").read_text())
+    assert interrupted["status"] == "interrupted" and interrupted["epochs_completed"] < 40
+    load_serving_model(run_dir)  # usable as it stands
+
+    # Resume with a shorter --epochs on the command line: the saved hyperparameters win.
+    done = subprocess.run(base + ["--epochs", "1", "--resume"], capture_output=True, text=True, timeout=300,
+                          env=_trainer_subprocess_env(), cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming" in done.stdout
+    finished = json.loads((run_dir / "config.json").read_text())
+    assert finished["status"] == "complete" and finished["epochs_completed"] == 40
+    assert [row["epoch"] for row in json.loads((run_dir / "history.json").read_text())] == list(range(1, 41))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "svhn"], "Invalid value for '--dataset': 'svhn' is not one of 'mnist', 'cifar10'"),
+        (["--dataset", "mnist", "--arch", "resnet"], "Invalid value for '--arch'"),
+        (["--dataset", "mnist", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--dataset", "mnist", "--batch-size", "5000"], "larger than the 600 training images"),
+        (["--dataset", "mnist", "--lr", "-0.1"], "--lr must be a positive number"),
+        (["--dataset", "mnist", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+        (["--dataset", "mnist", "--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+        (["--dataset", "mnist", "--seeds", "0,x"], "comma-separated integers"),
+        (["--dataset", "cifar10"], "CIFAR-10 train files not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_mnist, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(tiny_mnist), "--output-dir", str(tmp_path),
+                                       "--no-download", *args])  # fmt: skip
+    assert result.exit_code == 2
+    assert message in result.output
+    assert result.output.startswith("trainer: error: ") and result.output.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+def test_missing_data_from_the_real_command_has_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "trainer", "train", "--dataset", "mnist", "--data-dir", str(tmp_path),
+                           "--output-dir", str(tmp_path / "runs"), "--no-download"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "MNIST train files not found" in done.stderr
+    assert "--data-dir" in done.stderr and "ENSEMBLE_SERVING_DATA_DIR" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_lr_schedules_warm_up_then_decay():
+    h = get_recipe("airbench")  # onecycle 0.2 -> 1 over 23%, then -> 0.07
+    assert lr_factor(0, 100, h) == pytest.approx(0.2)
+    assert lr_factor(23, 100, h) == pytest.approx(1.0)
+    assert lr_factor(100, 100, h) == pytest.approx(0.07)
+    h.update(schedule="cosine", warmup=0.1, lr_end_factor=0.0)
+    assert lr_factor(10, 100, h) == pytest.approx(1.0) and lr_factor(55, 100, h) == pytest.approx(0.5)
+    h.update(schedule="step", warmup=0.0, step_milestones=[0.5, 0.75], step_gamma=0.1)
+    assert [lr_factor(s, 100, h) for s in (0, 49, 50, 80)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    labels = np.repeat(np.arange(10), 50)
+    train_idx, val_idx = tdata.split_train_validation(labels, 0.2, seed=0)
+    assert len(np.intersect1d(train_idx, val_idx)) == 0 and len(train_idx) + len(val_idx) == 500
+    assert np.bincount(labels[val_idx]).tolist() == [10] * 10
+    assert np.array_equal(val_idx, tdata.split_train_validation(labels, 0.2, seed=0)[1])
+    assert not np.array_equal(val_idx, tdata.split_train_validation(labels, 0.2, seed=1)[1])
+
+
+def test_augmentation_is_a_pure_function_of_seed_and_epoch():
+    images = torch.arange(8 * 3 * 8 * 8, dtype=torch.int64).remainder(251).to(torch.uint8).view(8, 3, 8, 8)
+    aug = tdata.Augmentation(translate=2, pad_mode="reflect", flip="alternating", cutout=3)
+    first = tdata.augment_epoch(images, aug, epoch=0, seed=5)
+    assert torch.equal(first, tdata.augment_epoch(images, aug, epoch=0, seed=5))
+    assert not torch.equal(first, tdata.augment_epoch(images, aug, epoch=1, seed=5))
+    # Alternating flips: each image is mirrored in exactly one of two consecutive epochs.
+    m0, m1 = tdata.flip_mask(8, "alternating", 0, 5), tdata.flip_mask(8, "alternating", 1, 5)
+    assert torch.equal(m0, ~m1)
+
+
+def test_translate_shifts_content_and_cutout_zeroes_a_square():
+    images = torch.zeros(64, 1, 9, 9, dtype=torch.uint8)
+    images[:, :, 4, 4] = 200  # one bright pixel in the middle
+    shifted = tdata.random_translate(images, 2, "constant", torch.Generator().manual_seed(0))
+    positions = {tuple(torch.nonzero(img[0]).flatten().tolist()) for img in shifted}
+    assert positions <= {(y, x) for y in range(2, 7) for x in range(2, 7)} and len(positions) > 10
+    ones = torch.full((16, 1, 16, 16), 7, dtype=torch.uint8)
+    cut = tdata.random_cutout(ones, 4, torch.Generator().manual_seed(0))
+    zeroed = (cut == 0).sum(dim=(1, 2, 3))
+    assert (zeroed <= 16).all() and (zeroed > 0).all()
+
+
+def test_uint8_reflect_padding_matches_torch_reflect_padding():
+    images = torch.randint(0, 256, (3, 2, 5, 6), dtype=torch.uint8)
+    expected = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
+    assert torch.equal(tdata.pad(images, 2, "reflect"), expected)
+
+
+def test_loader_shards_each_batch_across_ranks():
+    images = torch.zeros(40, 1, 4, 4, dtype=torch.uint8)
+    labels = torch.arange(40)
+    ranks = [list(tdata.InMemoryLoader(images, labels, 8, None, seed=0, rank=r, world_size=2).epoch(0)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5
+    for (_, a), (_, b) in zip(*ranks):
+        assert len(a) == len(b) == 4 and not set(a.tolist()) & set(b.tolist())
+    seen = torch.cat([lab for rank in ranks for _, lab in rank])
+    assert sorted(seen.tolist()) == list(range(40))
+
+
+# --------------------------------------------------------------------------- real data (slow)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="../shared/data not present")
+def test_lenet_on_real_mnist_reaches_99_3(tmp_path):
+    result = _invoke(["train", "--dataset", "mnist", "--data-dir", str(REAL_DATA), "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "mnist-lenet-s0" / "config.json").read_text())
+    assert config["metrics"]["test_accuracy"] >= 0.993

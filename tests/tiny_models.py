@@ -1,0 +1,144 @@
+"""A tiny model repository built with onnx.helper (no torch, no training).
+
+The models have the project's serving signature (DESIGN.md §3): members take
+`images` UINT8 [N, H, W, C] and return `probabilities` FP32 [N, classes] (scale to
+0..1, one linear layer, softmax); the averaging model takes `probabilities_0..k-1`
+and returns their mean; the ensemble wires them together. Small enough that a server
+loads it in well under a second, real enough that every code path runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ensemble_serving.model_config import parse_model_config, save_model_config
+
+NAME = "tiny"
+HEIGHT, WIDTH, CHANNELS = 8, 8, 3
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEMBERS = 2
+MAX_BATCH_SIZE = 16
+OPSET = 17
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=9)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+
+
+def member_graph(seed: int, classes: int = len(CLASS_NAMES)) -> onnx.GraphProto:
+    features = HEIGHT * WIDTH * CHANNELS
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.5, (features, classes)).astype(np.float32)
+    bias = rng.normal(0, 0.1, classes).astype(np.float32)
+    nodes = [
+        helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["pixels", "flat_shape"], ["flat"]),
+        helper.make_node("Mul", ["flat", "scale"], ["scaled"]),
+        helper.make_node("MatMul", ["scaled", "weight"], ["product"]),
+        helper.make_node("Add", ["product", "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array([-1, features], dtype=np.int64), "flat_shape"),
+        numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale"),
+        numpy_helper.from_array(weight, "weight"),
+        numpy_helper.from_array(bias, "bias"),
+    ]
+    return helper.make_graph(
+        nodes, f"member{seed}",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", HEIGHT, WIDTH, CHANNELS])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializers,
+    )
+
+
+def average_graph(count: int, classes: int = len(CLASS_NAMES)) -> onnx.GraphProto:
+    inputs = [f"probabilities_{i}" for i in range(count)]
+    nodes = [
+        helper.make_node("Sum", inputs, ["total"]),
+        helper.make_node("Mul", ["total", "weight"], ["probabilities"]),
+    ]
+    return helper.make_graph(
+        nodes, "average",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", classes]) for name in inputs],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(np.array(1 / count, dtype=np.float32), "weight")],
+    )
+
+
+def _member_config(name: str) -> str:
+    return f"""
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {MAX_BATCH_SIZE}
+input {{ name: "images" data_type: TYPE_UINT8 format: FORMAT_NHWC dims: [{HEIGHT}, {WIDTH}, {CHANNELS}] }}
+output {{ name: "probabilities" data_type: TYPE_FP32 dims: [{len(CLASS_NAMES)}] label_filename: "labels.txt" }}
+dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
+instance_group {{ kind: KIND_CPU count: 1 }}
+"""
+
+
+def _average_config(name: str, count: int) -> str:
+    inputs = "\n".join(
+        f'input {{ name: "probabilities_{i}" data_type: TYPE_FP32 dims: [{len(CLASS_NAMES)}] }}' for i in range(count)
+    )
+    return f"""
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {MAX_BATCH_SIZE}
+{inputs}
+output {{ name: "probabilities" data_type: TYPE_FP32 dims: [{len(CLASS_NAMES)}] label_filename: "labels.txt" }}
+dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
+instance_group {{ kind: KIND_CPU count: 1 }}
+"""
+
+
+def _ensemble_config(name: str, members: list[str], average: str) -> str:
+    steps = "\n".join(
+        f'step {{ model_name: "{member}" model_version: -1 input_map {{ key: "images" value: "images" }} '
+        f'output_map {{ key: "probabilities" value: "probabilities_{i}" }} }}'
+        for i, member in enumerate(members)
+    )
+    average_inputs = " ".join(
+        f'input_map {{ key: "probabilities_{i}" value: "probabilities_{i}" }}' for i in range(len(members))
+    )
+    return f"""
+name: "{name}"
+platform: "ensemble"
+max_batch_size: {MAX_BATCH_SIZE}
+input {{ name: "images" data_type: TYPE_UINT8 format: FORMAT_NHWC dims: [{HEIGHT}, {WIDTH}, {CHANNELS}] }}
+output {{ name: "probabilities" data_type: TYPE_FP32 dims: [{len(CLASS_NAMES)}] label_filename: "labels.txt" }}
+ensemble_scheduling {{
+{steps}
+step {{ model_name: "{average}" model_version: -1 {average_inputs}
+       output_map {{ key: "probabilities" value: "probabilities" }} }}
+}}
+"""
+
+
+def _write_model(root: Path, name: str, config_text: str, graph: onnx.GraphProto | None) -> None:
+    directory = root / name
+    (directory / "1").mkdir(parents=True, exist_ok=True)
+    save_model_config(parse_model_config(config_text, name), directory / "config.pbtxt")
+    (directory / "labels.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    if graph is not None:
+        _save(graph, directory / "1" / "model.onnx")
+
+
+def write_tiny_repository(root: Path) -> dict:
+    """Write the repository under `root`; returns the facts tests need about it."""
+    members = [f"{NAME}-m{i}" for i in range(MEMBERS)]
+    average = f"{NAME}-average"
+    for seed, member in enumerate(members):
+        _write_model(root, member, _member_config(member), member_graph(seed))
+    _write_model(root, average, _average_config(average, MEMBERS), average_graph(MEMBERS))
+    _write_model(root, NAME, _ensemble_config(NAME, members, average), None)
+    return dict(path=root, ensemble=NAME, members=tuple(members), average=average, height=HEIGHT, width=WIDTH,
+                channels=CHANNELS, class_names=CLASS_NAMES, max_batch_size=MAX_BATCH_SIZE)

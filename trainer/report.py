@@ -1,0 +1,72 @@
+"""The training record in a run dir: per-epoch metrics, curves, confusion matrix, per-class table."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ensemble_serving.metrics import confusion_matrix, per_class_metrics, save_confusion_matrix_png
+
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds")
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    """history.json (full) and metrics.csv (one row per epoch)."""
+    (run_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    with open(run_dir / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in HISTORY_FIELDS})
+
+
+def save_curves_png(run_dir: Path, history: list[dict], title: str) -> None:
+    """Loss and accuracy per epoch, train vs validation, side by side."""
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(10, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    # Training figures come from augmented batches with label smoothing, so they sit above
+    # (loss) and below (accuracy) the validation figures; the legend says so.
+    train_labels = {"loss": "train loss (augmented, smoothed labels)", "accuracy": "train accuracy (augmented)"}
+    for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "accuracy", "accuracy")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], marker="o", label=train_labels[key])
+        val = [row.get(f"val_{key}") for row in history]
+        if any(v is not None for v in val):
+            ax.plot(epochs, [np.nan if v is None else v for v in val], marker="o", label=f"validation {label}")
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=110)
+
+
+def write_test_report(run_dir: Path, labels: np.ndarray, probabilities: np.ndarray, class_names: list[str],
+                      title: str) -> list[dict]:  # fmt: skip
+    """confusion_matrix.{json,png} and per_class.csv for the test set; returns the per-class rows."""
+    predictions = probabilities.argmax(axis=1)
+    cm = confusion_matrix(labels, predictions, len(class_names))
+    rows = per_class_metrics(cm, class_names)
+    (run_dir / "confusion_matrix.json").write_text(
+        json.dumps({"class_names": class_names, "rows_are": "true class", "matrix": cm.tolist()}, indent=2) + "\n"
+    )
+    save_confusion_matrix_png(cm, class_names, run_dir / "confusion_matrix.png", title=title)
+    with open(run_dir / "per_class.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["class", "accuracy", "precision", "recall", "f1", "support"])
+        writer.writeheader()
+        for row in rows:
+            # Per-class accuracy is the recall: the share of that class's images classified right.
+            writer.writerow({"accuracy": f"{row['recall']:.4f}", **{k: _fmt(v) for k, v in row.items()}})
+    return rows
+
+
+def _fmt(value):
+    return f"{value:.4f}" if isinstance(value, float) else value
