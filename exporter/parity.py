@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -120,9 +119,3 @@ def session_predictor(session: ort.InferenceSession, input_name: str = "images")
 
 def runtime_name() -> str:
     return f"onnxruntime {ort.__version__} CPUExecutionProvider"
-
-
-def write_json(path: Path, report: dict) -> None:
-    import json
-
-    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -12,6 +12,7 @@ an export that fails leaves the repository exactly as it was.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from ensemble_serving.model_config import ModelConfig, save_model_config
 from ensemble_serving.protocol import model_config_pb2 as pb
+from exporter.average import member_output_name
 from exporter.errors import ExportError
 
 ONNX_PLATFORM = "onnxruntime_onnx"
@@ -69,8 +71,6 @@ def member_config(name: str, input_shape: tuple[int, int, int], num_classes: int
 def average_config(name: str, num_members: int, num_classes: int, *, max_batch_size: int,
                    instance_kind: str = "cpu", instances: int = 1,
                    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US) -> ModelConfig:  # fmt: skip
-    from exporter.average import member_output_name
-
     config = ModelConfig(name=name, platform=ONNX_PLATFORM, max_batch_size=max_batch_size)
     for index in range(num_members):
         config.input.add(name=member_output_name(index), data_type=pb.TYPE_FP32, dims=[num_classes])
@@ -82,8 +82,6 @@ def average_config(name: str, num_members: int, num_classes: int, *, max_batch_s
 def ensemble_config(name: str, member_names: list[str], average_name: str, input_shape: tuple[int, int, int],
                     num_classes: int, *, max_batch_size: int) -> ModelConfig:  # fmt: skip
     """Platform "ensemble": every member maps images -> probabilities_i, then the average."""
-    from exporter.average import member_output_name
-
     config = ModelConfig(name=name, platform=ENSEMBLE_PLATFORM, max_batch_size=max_batch_size)
     _serving_io(config, input_shape, num_classes)
     for index, member in enumerate(member_names):
@@ -134,8 +132,6 @@ class StagedRepository:
     def write_model(self, name: str, config: ModelConfig, class_names: list[str], *, model_bytes: bytes | None = None,
                     reports: dict[str, dict] | None = None) -> Path:  # fmt: skip
         """One model dir: config.pbtxt, labels.txt, reports (JSON) and 1/model.onnx (or an empty 1/)."""
-        from exporter.parity import write_json
-
         model_dir = self.root / "models" / check_model_name(name)
         (model_dir / VERSION).mkdir(parents=True)
         save_model_config(config, model_dir / "config.pbtxt")
@@ -143,7 +139,7 @@ class StagedRepository:
         if model_bytes is not None:
             (model_dir / VERSION / MODEL_FILENAME).write_bytes(model_bytes)
         for filename, report in (reports or {}).items():
-            write_json(model_dir / filename, report)
+            (model_dir / filename).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         self.model_names.append(name)
         return self.repository / name
 

@@ -241,9 +241,10 @@ def mutated_requests(draw, repository) -> pb.ModelInferRequest:
                 request.parameters[key].CopyFrom(value)
         elif mutation == "nan" and raw and tensor is not None and tensor.datatype == "FP32":
             index = list(request.inputs).index(tensor)
-            values = np.frombuffer(raw[index], dtype="<f4").copy()
+            whole = len(raw[index]) // 4 * 4  # an earlier byte_length mutation may have left a ragged end
+            values = np.frombuffer(raw[index][:whole], dtype="<f4").copy()
             values[:: max(1, len(values) // 3)] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-            raw[index] = values.tobytes()
+            raw[index] = values.tobytes() + raw[index][whole:]
         elif mutation == "raw_count" and raw:
             raw.append(b"")
     return request

@@ -181,7 +181,7 @@ def _trainer_subprocess_env() -> dict:
 
 def test_torchrun_two_processes_on_cpu(tiny_mnist, tmp_path):
     out = tmp_path / "runs"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "trainer", "train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), "--output-dir", str(out),
                "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--no-download", "--threads", "1"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=280, env=_trainer_subprocess_env(), cwd=REPO)

@@ -9,6 +9,7 @@ uint8 images, the exact module the exporter turns into ONNX.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import math
 import os
 import platform
@@ -511,8 +512,6 @@ def finish_run(spec: RunSpec, env: Environment, network: nn.Module, config: dict
 
 
 def _base_config(spec: RunSpec, data: PreparedData, shape: tuple[int, int, int], norm: dict, params: int) -> dict:
-    import torchvision
-
     h = spec.hyper
     hyperparameters = {k: v for k, v in h.items() if k not in ("dataset", "arch_args")}
     return {
@@ -532,10 +531,18 @@ def _base_config(spec: RunSpec, data: PreparedData, shape: tuple[int, int, int],
         "val_samples": int(len(data.val_labels)),
         "hyperparameters": hyperparameters,
         "metrics": {},
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+        "versions": {"torch": torch.__version__, "torchvision": _package_version("torchvision"),
                      "python": platform.python_version(), "numpy": np.__version__},  # fmt: skip
         "command": spec.command,
     }
+
+
+def _package_version(name: str) -> str | None:
+    """Installed version without importing the package (torchvision takes seconds to import)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _finished_config(run_dir: Path) -> dict | None:

@@ -1,0 +1,64 @@
+"""A bare grpc.aio server for comparison with ours under benchmarks/soak.py.
+
+Its ModelInfer sleeps 0-10 ms and answers a fixed function of the pixels; no batcher, no
+onnxruntime, none of our code. Soaking both with requests whose deadlines expire in
+flight shows whether memory growth is ours or grpcio's:
+
+    python benchmarks/bare_grpc_server.py 28731 28732 &
+    python benchmarks/soak.py --url 127.0.0.1:28731 --pid $! \
+        --metrics-url http://127.0.0.1:28732/metrics --model tiny --mix expired=1 --duration 120
+
+(grpcio 1.85: both grow by roughly 80-100 bytes per expired request; grpc/grpc#43360.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+from prometheus_client import Gauge, start_http_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ensemble_serving.protocol import grpc_service_pb2 as pb  # noqa: E402
+from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+
+IMAGE_SHAPE = [8, 8, 3]
+CLASSES = 10
+
+
+class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request, context):
+        images = pb.ModelMetadataResponse.TensorMetadata(name="images", datatype="UINT8", shape=[-1, *IMAGE_SHAPE])
+        return pb.ModelMetadataResponse(name=request.name, inputs=[images])
+
+    async def ModelInfer(self, request, context):
+        await asyncio.sleep(random.uniform(0, 0.01))
+        batch = request.inputs[0].shape[0]
+        pixels = np.frombuffer(request.raw_input_contents[0], np.uint8).reshape(batch, -1)
+        response = pb.ModelInferResponse(model_name=request.model_name)
+        response.outputs.add(name="probabilities", datatype="FP32", shape=[batch, CLASSES])
+        response.raw_output_contents.append((pixels[:, :CLASSES].astype("<f4") / 255).tobytes())
+        return response
+
+
+async def serve(grpc_port: int, metrics_port: int) -> None:
+    # soak.py checks this gauge at the end; a server without a queue has nothing pending.
+    Gauge("ensemble_server_pending_requests", "Always 0: no queue.", ["model"]).labels(model="any").set(0)
+    start_http_server(metrics_port, addr="127.0.0.1")
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(BareServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{grpc_port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1]), int(sys.argv[2])))
