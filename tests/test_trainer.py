@@ -108,7 +108,7 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
                       "--epochs", "1", "--batch-size", "64", "--seeds", "0,1", "--val-fraction", "0.2",
                       "--no-download"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "Summary" in result.output and "ensemble of 2" in result.output
+    assert "Summary" in result.output and "per-class test accuracy" in result.output
     test = load_dataset("mnist", "test", tiny_mnist, download=False)
     accuracies = []
     for seed in (0, 1):
@@ -143,6 +143,7 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
     assert max(accuracies) > 0.3, "one epoch on the patch data must beat chance (10%)"
     ensemble = json.loads((out / "mnist-lenet-ensemble.json").read_text())
     assert ensemble["members"] == [str(out / "mnist-lenet-s0"), str(out / "mnist-lenet-s1")]
+    assert ensemble["member_test_accuracy"] == accuracies and 0 <= ensemble["test_accuracy"] <= 1
 
 
 def test_airbench_run_reloads_to_identical_outputs(tiny_cifar, tmp_path):

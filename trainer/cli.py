@@ -25,7 +25,8 @@ from ensemble_serving.datasets import DATA_DIR_ENV, DATASET_NAMES, DatasetChecks
 from trainer.recipes import ARCHITECTURES_FOR, DEFAULT_ARCHITECTURE, RECIPES, get_recipe
 
 # soft_wrap: long lines stay whole in log files instead of breaking at 80 columns.
-console = Console(highlight=False, soft_wrap=True)
+# Wide tables when writing to a log file instead of rich's 80-column default.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 150)
 
 
 class OneLineErrors(click.Group):
@@ -128,7 +129,7 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
     from trainer.train import RunSpec, TrainerError, load_datasets, setup_environment, train_run
 
     architecture = architecture or DEFAULT_ARCHITECTURE[dataset]
-    if architecture not in ARCHITECTURES_FOR[dataset]:
+    if architecture not in ARCHITECTURES_FOR[dataset] and os.environ.get("RANK", "0") == "0":
         console.print(f"[yellow]note: {architecture} is tuned for {get_recipe(architecture)['dataset']}, "
                       f"not {dataset}[/]")  # fmt: skip
     hyper = _apply_overrides(get_recipe(architecture), overrides)
@@ -153,6 +154,8 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
         results.append(train_run(spec, env, train_set, test_set, console))
     if env.is_main:
         _print_summary(results, test_set, Path(output_dir), prefix)
+    if env.distributed:
+        torch.distributed.destroy_process_group()
     return 0
 
 
