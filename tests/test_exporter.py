@@ -8,10 +8,8 @@ the genuine data set.
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +26,8 @@ from ensemble_serving.protocol import model_config_pb2 as pb
 from exporter import average, export, onnx_export
 from exporter.errors import ExportError, ParityError, QuantizationError
 from exporter.export import export_repository
+from tests.tiny_pipeline import TEST_IMAGES, write_digit_like_data, train_tiny_run
 
-IMAGE = 28
-TRAIN_IMAGES, TEST_IMAGES = 320, 96
-TINY_LENET = {"widths": [4, 8], "hidden": 16, "dropout": 0.0}
 
 # The generated IDX files are not the official MNIST release; the reader says so once per file.
 pytestmark = pytest.mark.filterwarnings("ignore::ensemble_serving.datasets.DatasetChecksumWarning")
@@ -48,54 +44,15 @@ def _few_threads():
 # --------------------------------------------------------------------------- tiny data + runs
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
-def _digit_like(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Noise plus a bright bar whose position is the label: learnable in one epoch."""
-    labels = rng.integers(0, 10, count)
-    images = rng.integers(0, 60, (count, IMAGE, IMAGE), dtype=np.uint8)
-    for image, label in zip(images, labels):
-        image[2 + 2 * label : 4 + 2 * label, 4:24] = 255
-    return images, labels
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, count in (("train", TRAIN_IMAGES), ("t10k", TEST_IMAGES)):
-        images, labels = _digit_like(count, rng)
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
-
-
-def _train(run_dir: Path, data_dir: Path, seed: int) -> Path:
-    from rich.console import Console
-
-    from trainer.recipes import get_recipe
-    from trainer.train import Environment, RunSpec, train_run
-
-    recipe = get_recipe("lenet")
-    recipe.update(epochs=1, batch_size=32, arch_args=TINY_LENET, eval_batch_size=256, warmup=0.0)
-    spec = RunSpec(dataset="mnist", architecture="lenet", hyper=recipe, seed=seed, run_dir=run_dir,
-                   val_fraction=0.25, split_seed=0, precision="fp32", channels_last=False)  # fmt: skip
-    train = load_dataset("mnist", "train", data_dir, download=False)
-    test = load_dataset("mnist", "test", data_dir, download=False)
-    train_run(spec, Environment(torch.device("cpu")), train, test, Console(quiet=True))
-    return run_dir
+    return write_digit_like_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir) -> list[Path]:
     root = tmp_path_factory.mktemp("runs")
-    return [_train(root / f"tiny-s{seed}", data_dir, seed) for seed in range(2)]
+    return [train_tiny_run(root / f"tiny-s{seed}", data_dir, seed) for seed in range(2)]
 
 
 @pytest.fixture(scope="module")
