@@ -68,6 +68,16 @@ class TinyRepository:
         """Random uint8 images [count, H, W, C] for this repository's models."""
         return np.random.default_rng(seed).integers(0, 256, (count, *self.image_shape), dtype=np.uint8)
 
+    def expected_probabilities(self, model: str, images: np.ndarray) -> np.ndarray:
+        """What `model` must answer for `images`, computed by onnxruntime in this process
+        (the ensemble: the mean of its members)."""
+        import onnxruntime as ort
+
+        if model == self.ensemble:
+            return np.mean([self.expected_probabilities(member, images) for member in self.members], axis=0)
+        session = ort.InferenceSession(str(self.path / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        return session.run(["probabilities"], {"images": images})[0]
+
 
 def _build_tiny_repository(root: Path) -> TinyRepository:
     """The real pipeline (trainer on generated data, then exporter) when torch is installed;

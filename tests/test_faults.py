@@ -16,11 +16,11 @@ import urllib.request
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
+from tests.test_server_grpc import infer_request, probabilities
 
 # A long max queue delay keeps requests queued long enough to cancel them reliably,
 # and makes every concurrent request of one model land in the same batch.
@@ -28,24 +28,6 @@ SLOW_BATCHING = ("--max-queue-delay-us", "400000")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def infer_request(model: str, images: np.ndarray) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="images", datatype="UINT8", shape=list(images.shape))
-    request.raw_input_contents.append(images.tobytes())
-    return request
-
-
-def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
-    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
-
-
-def expected_probabilities(repository, model: str, images: np.ndarray) -> np.ndarray:
-    if model == repository.ensemble:
-        return np.mean([expected_probabilities(repository, member, images) for member in repository.members], axis=0)
-    session = ort.InferenceSession(str(repository.path / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    return session.run(["probabilities"], {"images": images})[0]
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:
@@ -104,7 +86,7 @@ def test_cancelled_requests_do_not_disturb_the_rest_of_their_batch(slow_batching
         if index % 2 == 0:
             assert call.cancelled()
             continue
-        expected = expected_probabilities(tiny_repository, model, images[index])
+        expected = tiny_repository.expected_probabilities(model, images[index])
         np.testing.assert_allclose(probabilities(call.result()), expected, rtol=1e-5, atol=1e-6)
 
     assert wait_for_no_pending(server) == 0
@@ -115,7 +97,7 @@ def test_cancelled_requests_do_not_disturb_the_rest_of_their_batch(slow_batching
     # And the server carries on answering.
     single = tiny_repository.images(2, seed=99)
     np.testing.assert_allclose(probabilities(stub.ModelInfer(infer_request(model, single), timeout=30)),
-                               expected_probabilities(tiny_repository, model, single), rtol=1e-5, atol=1e-6)
+                               tiny_repository.expected_probabilities(model, single), rtol=1e-5, atol=1e-6)
 
 
 CLIENT_THAT_DIES = textwrap.dedent("""
@@ -151,7 +133,7 @@ def test_a_client_that_dies_mid_request_leaks_nothing(slow_batching_server, tiny
         if client.poll() is None:
             client.kill()
     np.testing.assert_allclose(probabilities(survivor.result()),
-                               expected_probabilities(tiny_repository, model, survivor_images), rtol=1e-5, atol=1e-6)
+                               tiny_repository.expected_probabilities(model, survivor_images), rtol=1e-5, atol=1e-6)
     assert wait_for_no_pending(server) == 0
     assert server.process.poll() is None
 
@@ -212,7 +194,7 @@ def test_an_oversized_message_is_refused_and_the_server_carries_on(start_server,
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     images = tiny_repository.images(2)
     np.testing.assert_allclose(probabilities(stub.ModelInfer(infer_request(member, images), timeout=30)),
-                               expected_probabilities(tiny_repository, member, images), rtol=1e-5, atol=1e-6)
+                               tiny_repository.expected_probabilities(member, images), rtol=1e-5, atol=1e-6)
 
 
 def test_concurrent_rpc_limit_answers_resource_exhausted(start_server, tiny_repository):
@@ -314,7 +296,7 @@ def test_broken_models_fail_alone_with_one_log_line_and_a_metric(start_server, b
     # The healthy models serve, and serve right.
     images = tiny_repository.images(3)
     np.testing.assert_allclose(probabilities(stub.ModelInfer(infer_request(member, images), timeout=30)),
-                               expected_probabilities(tiny_repository, member, images), rtol=1e-5, atol=1e-6)
+                               tiny_repository.expected_probabilities(member, images), rtol=1e-5, atol=1e-6)
     assert stub.ModelReady(pb.ModelReadyRequest(name=average)).ready
 
     index = {model.name: model for model in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}

@@ -417,15 +417,6 @@ def infer_images(address: str, security: ClientSecurity, model: str, images: np.
     return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
 
 
-def expected_probabilities(repository, model: str, images: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    if model == repository.ensemble:
-        return np.mean([expected_probabilities(repository, member, images) for member in repository.members], axis=0)
-    session = ort.InferenceSession(str(repository.path / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    return session.run(["probabilities"], {"images": images})[0]
-
-
 def client_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env={**os.environ, **(env or {})})  # fmt: skip
@@ -448,7 +439,7 @@ def test_tls_server_end_to_end(start_server, tiny_repository, pki):
     images = tiny_repository.images(3)
     model = tiny_repository.ensemble
     np.testing.assert_allclose(infer_images(server.grpc_address, trusting, model, images),
-                               expected_probabilities(tiny_repository, model, images), rtol=1e-5, atol=1e-6)
+                               tiny_repository.expected_probabilities(model, images), rtol=1e-5, atol=1e-6)
     for stranger in (ClientSecurity(), ClientSecurity(ca_file=pki.other_ca)):  # plaintext; trusts another CA
         assert rpc_code(lambda: infer_images(server.grpc_address, stranger, model, images)) == grpc.StatusCode.UNAVAILABLE
     assert "gRPC security: TLS; no authentication" in server.log()
@@ -457,8 +448,8 @@ def test_tls_server_end_to_end(start_server, tiny_repository, pki):
     assert status.returncode == 0, status.stdout + status.stderr
     answer = triton_client(server, tiny_repository, "--ca", str(pki.ca))
     assert answer["ready"]
-    np.testing.assert_allclose(answer["probabilities"], expected_probabilities(
-        tiny_repository, model, np.array(answer["images"], dtype=np.uint8)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(answer["probabilities"], tiny_repository.expected_probabilities(
+        model, np.array(answer["images"], dtype=np.uint8)), rtol=1e-5, atol=1e-6)
 
 
 def test_mutual_tls_server_end_to_end(start_server, tiny_repository, pki):
@@ -469,7 +460,7 @@ def test_mutual_tls_server_end_to_end(start_server, tiny_repository, pki):
     images = tiny_repository.images(2)
     model = tiny_repository.members[0]
     np.testing.assert_allclose(infer_images(server.grpc_address, member, model, images),
-                               expected_probabilities(tiny_repository, model, images), rtol=1e-5, atol=1e-6)
+                               tiny_repository.expected_probabilities(model, images), rtol=1e-5, atol=1e-6)
     no_certificate = ClientSecurity(ca_file=pki.ca)
     stranger = ClientSecurity(ca_file=pki.ca, cert_file=pki.stranger.cert, key_file=pki.stranger.key)
     for outsider in (no_certificate, stranger):
@@ -497,7 +488,7 @@ def test_token_server_end_to_end(start_server, tiny_repository, pki, tmp_path, m
     anonymous = ClientSecurity(ca_file=pki.ca)
     wait_serving(server, anonymous)  # health stays open without a token
     address, model, images = server.grpc_address, tiny_repository.ensemble, tiny_repository.images(2)
-    expected = expected_probabilities(tiny_repository, model, images)
+    expected = tiny_repository.expected_probabilities(model, images)
 
     for token in (TOKEN, OTHER_TOKEN):
         np.testing.assert_allclose(infer_images(address, ClientSecurity(ca_file=pki.ca, token=token), model, images),
