@@ -304,8 +304,11 @@ def main() -> None:
                         help="extra flag for the server (repeatable), e.g. --server-flag=--max-queue-delay-us=500")
     parser.add_argument("--in-process-budget-s", type=float, default=0.4,
                         help="in-process timing budget per model and batch size")
+    # The installer's wrapper first: tritonclient's wheel also drops a perf_analyzer into the
+    # venv's bin/, which cannot start without libcudart.
     parser.add_argument("--perf-analyzer", type=Path,
-                        default=Path(shutil.which("perf_analyzer") or DEFAULT_PERF_ANALYZER))
+                        default=DEFAULT_PERF_ANALYZER if DEFAULT_PERF_ANALYZER.exists()
+                        else Path(shutil.which("perf_analyzer") or DEFAULT_PERF_ANALYZER))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
