@@ -32,7 +32,7 @@ from trainer import data as tdata
 from trainer.checkpoint import load_serving_model, serving_model_from
 from trainer.cli import main
 from trainer.recipes import get_recipe
-from trainer.train import Environment, RunSpec, lr_factor, train_run
+from trainer.train import Environment, Lookahead, RunSpec, lr_factor, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data"
@@ -141,6 +141,9 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
         assert np.trace(np.array(cm)) == round(accuracy * 200)
         assert len(json.loads((run_dir / "history.json").read_text())) == 1
     assert max(accuracies) > 0.3, "one epoch on the patch data must beat chance (10%)"
+    evaluated = _invoke(["evaluate", str(out / "mnist-lenet-s0"), "--data-dir", str(tiny_mnist), "--no-download"])
+    assert evaluated.exit_code == 0 and f"accuracy {accuracies[0]:.2%}" in evaluated.output
+    assert "(difference 0.000 points)" in evaluated.output
     ensemble = json.loads((out / "mnist-lenet-ensemble.json").read_text())
     assert ensemble["members"] == [str(out / "mnist-lenet-s0"), str(out / "mnist-lenet-s1")]
     assert ensemble["member_test_accuracy"] == accuracies and 0 <= ensemble["test_accuracy"] <= 1
@@ -149,22 +152,24 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
 def test_airbench_run_reloads_to_identical_outputs(tiny_cifar, tmp_path):
     """Whitening init, lookahead, BN-bias lr scaling, flip TTA: the reloaded module matches bit for bit."""
     hyper = get_recipe("airbench")
-    hyper.update(epochs=1, batch_size=100, arch_args={"widths": [16, 32, 32], "whiten_width": 12})
+    hyper.update(epochs=1, batch_size=100, arch_args={"widths": [16, 32, 32], "whiten_width": 12}, tta="hflip_translate")
     train = load_dataset("cifar10", "train", tiny_cifar, download=False)
     test = load_dataset("cifar10", "test", tiny_cifar, download=False)
     spec = RunSpec(dataset="cifar10", architecture="airbench", hyper=hyper, seed=3, run_dir=tmp_path / "air",
                    val_fraction=0.1, precision="fp32")  # fmt: skip
     summary = train_run(spec, Environment(torch.device("cpu")), train, test, console=_quiet_console())
     config = summary["config"]
-    assert config["serving"] == {"hflip_tta": True} and config["hyperparameters"]["lookahead"] is True
+    assert config["serving"] == {"tta": "hflip_translate"} and config["hyperparameters"]["lookahead"] is True
 
     in_memory = serving_model_from(summary["network"], config).eval()
     reloaded, _ = load_serving_model(tmp_path / "air")
     images = torch.from_numpy(test.images)
     with torch.no_grad():
         assert torch.equal(in_memory(images), reloaded(images))
-        # TTA really averages over the mirror image: a mirrored input gives the same output.
-        np.testing.assert_allclose(reloaded(images.flip(2)).numpy(), reloaded(images).numpy(), atol=1e-5)
+        # Flip TTA really averages over the mirror image: a mirrored input gives the same output.
+        flip_only = serving_model_from(summary["network"], {**config, "serving": {"tta": "hflip"}}).eval()
+        np.testing.assert_allclose(flip_only(images.flip(2)).numpy(), flip_only(images).numpy(), atol=1e-5)
+        assert not torch.allclose(flip_only(images), reloaded(images))  # the shifted views count too
 
 
 def _quiet_console():
@@ -199,8 +204,11 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_finishes(tiny_mnist, tmp_path):
     base = [sys.executable, "-m", "trainer", "train", "--dataset", "mnist", "--data-dir", str(tiny_mnist),
             "--output-dir", str(out), "--batch-size", "64", "--no-download", "--threads", "1"]  # fmt: skip
     run_dir = out / "mnist-lenet-s0"
+    # A shell that runs this suite in the background starts it with SIGINT ignored, and the
+    # trainer would inherit that; give it the default disposition a terminal's Ctrl-C meets.
     process = subprocess.Popen(base + ["--epochs", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=_trainer_subprocess_env(), cwd=REPO)  # fmt: skip
+                               env=_trainer_subprocess_env(), cwd=REPO,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoint.pt").exists():
         assert process.poll() is None, process.communicate()
@@ -263,6 +271,20 @@ def test_missing_data_from_the_real_command_has_no_traceback(tmp_path):
 # --------------------------------------------------------------------------- pieces
 
 
+@pytest.mark.parametrize(("architecture", "channels", "size"),
+                         [("lenet", 1, 28), ("mnist_cnn", 1, 28), ("cifar_cnn", 3, 32), ("airbench", 3, 32)])  # fmt: skip
+def test_every_architecture_serves_uint8_nhwc_as_probabilities(architecture, channels, size):
+    from trainer.checkpoint import ServingModel
+    from trainer.models import build_model
+
+    network = build_model(architecture, channels, 10, size, **get_recipe(architecture)["arch_args"])
+    model = ServingModel(network, [0.5] * channels, [0.25] * channels, tta="hflip" if channels == 3 else "none").eval()
+    with torch.no_grad():
+        probs = model(torch.randint(0, 256, (3, size, size, channels), dtype=torch.uint8))
+    assert probs.shape == (3, 10) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(1), torch.ones(3))
+
+
 def test_lr_schedules_warm_up_then_decay():
     h = get_recipe("airbench")  # onecycle 0.2 -> 1 over 23%, then -> 0.07
     assert lr_factor(0, 100, h) == pytest.approx(0.2)
@@ -272,6 +294,24 @@ def test_lr_schedules_warm_up_then_decay():
     assert lr_factor(10, 100, h) == pytest.approx(1.0) and lr_factor(55, 100, h) == pytest.approx(0.5)
     h.update(schedule="step", warmup=0.0, step_milestones=[0.5, 0.75], step_gamma=0.1)
     assert [lr_factor(s, 100, h) for s in (0, 49, 50, 80)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_lookahead_averages_more_as_training_ends_and_finishes_on_slow_weights():
+    network = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(network.weight)
+    lookahead = Lookahead(network, every=1, decay=0.5)
+    with torch.no_grad():
+        network.weight.fill_(1.0)
+    lookahead.step(network, global_step=1, total_steps=100)  # decay ~0: slow jumps to fast
+    assert network.weight.item() == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        network.weight.fill_(3.0)
+    lookahead.step(network, global_step=100, total_steps=100)  # decay 0.5: halfway
+    assert network.weight.item() == pytest.approx(2.0, abs=1e-4)
+    with torch.no_grad():
+        network.weight.fill_(9.0)
+    lookahead.finish(network)
+    assert network.weight.item() == pytest.approx(2.0, abs=1e-4)
 
 
 def test_validation_split_is_stratified_disjoint_and_seeded():

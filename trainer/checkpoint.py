@@ -33,34 +33,47 @@ class RunDirError(ValueError):
     """A run dir is missing files or holds something we cannot use."""
 
 
+TTA_MODES = ("none", "hflip", "hflip_translate")
+
+
 class ServingModel(nn.Module):
     """uint8 images [N, H, W, C] -> float32 probabilities [N, num_classes].
 
-    Scaling, normalization, layout change, the network, optional horizontal-flip
-    test-time augmentation (logits of both views averaged) and softmax, all in ops
-    that ONNX exports: Cast, Transpose, Sub/Mul, Gather, Concat, Reshape, Softmax.
+    Scaling, normalization, layout change, the network, optional test-time
+    augmentation and softmax, all in ops that ONNX exports (Cast, Transpose, Mul/Add,
+    Pad, Slice, Concat, Reshape, ReduceSum, Softmax), so the exported graph does
+    exactly what the trainer measured. Test-time augmentation averages logits over views:
+      "hflip":            the image and its mirror, 1/2 each;
+      "hflip_translate":  those two (1/4 each) plus both, shifted one pixel up-left and
+                          one pixel down-right with mirrored borders (1/8 each).
     """
 
-    def __init__(self, network: nn.Module, mean: list[float], std: list[float], hflip_tta: bool = False):
+    def __init__(self, network: nn.Module, mean: list[float], std: list[float], tta: str = "none"):
         super().__init__()
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown test-time augmentation {tta!r}: expected one of {', '.join(TTA_MODES)}")
         self.network = network
+        self.tta = tta
         channels = len(mean)
         # Folded into one multiply-add: (x / 255 - mean) / std == x * scale + shift.
-        self.register_buffer("scale", (1 / (255 * torch.tensor(std, dtype=torch.float32))).view(1, channels, 1, 1))
-        self.register_buffer(
-            "shift", (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, channels, 1, 1)
-        )
-        self.hflip_tta = hflip_tta
+        std_t, mean_t = torch.tensor(std, dtype=torch.float32), torch.tensor(mean, dtype=torch.float32)
+        self.register_buffer("scale", (1 / (255 * std_t)).view(1, channels, 1, 1), persistent=False)
+        self.register_buffer("shift", (-mean_t / std_t).view(1, channels, 1, 1), persistent=False)
+        view_weights = {"none": [1.0], "hflip": [0.5, 0.5], "hflip_translate": [0.25, 0.25] + [0.125] * 4}[tta]
+        self.register_buffer("view_weights", torch.tensor(view_weights).view(-1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
-        if not self.hflip_tta:
+        if self.tta == "none":
             return torch.softmax(self.network(x), dim=1)
-        batch = x.shape[0]
-        mirrored = torch.flip(x, dims=[3])
-        logits = self.network(torch.cat([x, mirrored], dim=0))
-        logits = logits.reshape(2, batch, logits.shape[-1]).mean(dim=0)
-        return torch.softmax(logits, dim=1)
+        views = [x, torch.flip(x, dims=[3])]
+        if self.tta == "hflip_translate":
+            padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+            for shifted in (padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]):
+                views += [shifted, torch.flip(shifted, dims=[3])]
+        logits = self.network(torch.cat(views, dim=0))
+        logits = logits.reshape(len(views), x.shape[0], logits.shape[-1])
+        return torch.softmax((logits * self.view_weights).sum(dim=0), dim=1)
 
 
 def build_network(config: dict) -> nn.Module:
@@ -76,8 +89,10 @@ def build_network(config: dict) -> nn.Module:
 
 def serving_model_from(network: nn.Module, config: dict) -> ServingModel:
     norm = config["normalization"]
-    hflip = bool(config.get("serving", {}).get("hflip_tta", False))
-    return ServingModel(network, norm["mean"], norm["std"], hflip_tta=hflip)
+    serving = config.get("serving", {})
+    # Run dirs written before "tta" existed say {"hflip_tta": true/false}.
+    tta = serving.get("tta") or ("hflip" if serving.get("hflip_tta") else "none")
+    return ServingModel(network, norm["mean"], norm["std"], tta=tta)
 
 
 def load_serving_model(run_dir: str | os.PathLike) -> tuple[ServingModel, dict]:

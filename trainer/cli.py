@@ -101,7 +101,9 @@ def _parse_seeds(_ctx, _param, value: str) -> list[int]:
 @click.option("--flip", type=click.Choice(["none", "random", "alternating"]), help="Augmentation: horizontal flips.")
 @click.option("--cutout", type=int, help="Augmentation: zero a random NxN square (0 = off).")
 @click.option("--lookahead/--no-lookahead", default=None, help="Lookahead slow weights (airbench).")
-@click.option("--tta/--no-tta", default=None, help="Average logits over a horizontal flip at test time (in the served graph).")
+@click.option("--tta", type=click.Choice(["none", "hflip", "hflip_translate"]),
+              help="Test-time augmentation inside the served graph: average logits over the mirror image "
+                   "(hflip), and also over 1-pixel shifts (hflip_translate, 6 views).")  # fmt: skip
 @click.option("--val-fraction", type=float, default=0.0, show_default=True,
               help="Hold out this share of the training set (stratified) for validation; the test set is only "
                    "used for the final figure.")  # fmt: skip
@@ -160,7 +162,7 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
 
 
 _AUGMENTATION_KEYS = ("translate", "flip", "cutout")
-_HYPER_KEYS = {"lookahead": "lookahead", "tta": "tta_hflip"}
+_HYPER_KEYS = {"lookahead": "lookahead"}
 
 
 def _apply_overrides(recipe: dict, overrides: dict) -> dict:

@@ -32,7 +32,7 @@ RECIPES: dict[str, dict] = {
         "lr_start_factor": 0.1,
         "lr_end_factor": 0.01,
         "augmentation": {"translate": 2, "pad_mode": "constant", "flip": "none", "cutout": 0},
-        "tta_hflip": False,  # digits are not mirror-symmetric
+        "tta": "none",  # digits are not mirror-symmetric
     },
     # Stronger MNIST CNN: VGG-style double convs, BatchNorm, dropout; >= 99.5%.
     "mnist_cnn": {
@@ -51,7 +51,7 @@ RECIPES: dict[str, dict] = {
         "lr_start_factor": 0.1,
         "lr_end_factor": 0.01,
         "augmentation": {"translate": 2, "pad_mode": "constant", "flip": "none", "cutout": 0},
-        "tta_hflip": False,
+        "tta": "none",
     },
     # The classic small CIFAR-10 CNN (three conv stages, FC head).
     "cifar_cnn": {
@@ -70,7 +70,7 @@ RECIPES: dict[str, dict] = {
         "lr_start_factor": 0.1,
         "lr_end_factor": 0.01,
         "augmentation": {"translate": 4, "pad_mode": "reflect", "flip": "random", "cutout": 8},
-        "tta_hflip": True,
+        "tta": "hflip",
     },
     # Airbench-style fast CIFAR-10 net: big batch, high nesterov lr on a short triangle,
     # label smoothing, 64x lr on BatchNorm shifts, lookahead, alternating flips, flip TTA.
@@ -92,7 +92,8 @@ RECIPES: dict[str, dict] = {
         "lr_end_factor": 0.07,
         "lookahead": True,
         "augmentation": {"translate": 2, "pad_mode": "reflect", "flip": "alternating", "cutout": 0},
-        "tta_hflip": True,
+        "tta": "hflip",
+        "eval_batch_size": 500,
     },
 }
 
@@ -113,7 +114,7 @@ DEFAULTS: dict = {
     "lookahead": False,
     "lookahead_every": 5,
     "lookahead_decay": 0.95**5,
-    "tta_hflip": False,
+    "tta": "none",  # test-time augmentation inside the served graph: none, hflip, hflip_translate
     "eval_batch_size": 1000,
 }
 

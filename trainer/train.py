@@ -187,6 +187,8 @@ def validate(spec: RunSpec, n_images: int, image_size: int, world_size: int) -> 
     need(aug["flip"] in ("none", "random", "alternating"),
          f"--flip must be none, random or alternating, got {aug['flip']!r}")  # fmt: skip
     need(spec.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
+    need(h["tta"] in checkpoint.TTA_MODES, f"--tta must be one of {', '.join(checkpoint.TTA_MODES)}, got {h['tta']!r}")
+    need(h["eval_batch_size"] >= 1, f"eval_batch_size must be >= 1, got {h['eval_batch_size']}")
 
 
 def lr_factor(step: int, total_steps: int, h: dict) -> float:
@@ -243,8 +245,10 @@ class Lookahead:
     """Slow weights that trail the fast ones (hlb-cifar10 / airbench style).
 
     Every `every` steps: slow <- slow + (1 - decay) * (fast - slow), then fast <- slow.
-    The decay follows the lr schedule cubed, so averaging is strongest at peak lr and
-    fades as the lr anneals. Covers parameters and BatchNorm statistics.
+    The decay ramps up with training progress cubed: barely any averaging early, when
+    the weights still move far, and strong averaging near the end (like weight
+    averaging over the final steps). The run ends on the slow weights. Covers
+    parameters and BatchNorm statistics.
     """
 
     def __init__(self, network: nn.Module, every: int, decay: float):
@@ -252,10 +256,15 @@ class Lookahead:
         self.slow = {k: v.detach().clone() for k, v in network.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
-    def step(self, network: nn.Module, global_step: int, lr_factor_now: float) -> None:
-        if global_step % self.every:
-            return
-        decay = self.decay * lr_factor_now**3
+    def step(self, network: nn.Module, global_step: int, total_steps: int) -> None:
+        if global_step % self.every == 0:
+            self._sync(network, self.decay * (global_step / total_steps) ** 3)
+
+    @torch.no_grad()
+    def finish(self, network: nn.Module) -> None:
+        self._sync(network, 1.0)  # decay 1: the slow weights as they are become the model
+
+    def _sync(self, network: nn.Module, decay: float) -> None:
         for name, fast in network.state_dict().items():
             if name in self.slow:
                 slow = self.slow[name]
@@ -336,7 +345,7 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
                 f"{run_dir} holds a {saved.get('architecture')} run on {saved.get('dataset')}, not "
                 f"{spec.architecture} on {spec.dataset}; resume it with the same --dataset/--arch or pick another --name"
             )
-        spec.hyper = saved["hyperparameters"]  # continue exactly the run that was interrupted
+        spec.hyper = _upgrade(saved["hyperparameters"])  # continue exactly the run that was interrupted
 
     h = spec.hyper
     height, width, channels = train.images.shape[1:]
@@ -427,7 +436,7 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
                     factor = lr_factor(state["global_step"], total_steps, h)
                     set_lr(optimizer, factor)
                     if lookahead is not None:
-                        lookahead.step(network, state["global_step"], factor)
+                        lookahead.step(network, state["global_step"], total_steps)
                     with torch.no_grad():
                         totals += torch.stack([loss.detach().double() * len(labels),
                                                (logits.argmax(1) == labels).sum().double(),
@@ -462,6 +471,8 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
             f"{run_dir}; rerun the same command with --resume to continue"
         ) from None
 
+    if lookahead is not None:
+        lookahead.finish(network)
     summary = finish_run(spec, env, network, config, data, state, precision) if env.is_main else {}
     if env.distributed:
         dist.barrier()
@@ -522,7 +533,7 @@ def _base_config(spec: RunSpec, data: PreparedData, shape: tuple[int, int, int],
         "class_names": list(data.class_names),
         "input": {"height": shape[0], "width": shape[1], "channels": shape[2], "dtype": "uint8", "layout": "NHWC"},
         "normalization": {"mean": norm["mean"], "std": norm["std"]},
-        "serving": {"hflip_tta": bool(h["tta_hflip"])},
+        "serving": {"tta": h["tta"]},
         "parameters": params,
         "seed": spec.seed,
         "split_seed": spec.split_seed,
@@ -535,6 +546,13 @@ def _base_config(spec: RunSpec, data: PreparedData, shape: tuple[int, int, int],
                      "python": platform.python_version(), "numpy": np.__version__},  # fmt: skip
         "command": spec.command,
     }
+
+
+def _upgrade(hyper: dict) -> dict:
+    """Hyperparameters saved by an older trainer: "tta_hflip": bool became "tta": mode."""
+    if "tta" not in hyper:
+        hyper["tta"] = "hflip" if hyper.pop("tta_hflip", False) else "none"
+    return hyper
 
 
 def _package_version(name: str) -> str | None:
