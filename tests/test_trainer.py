@@ -190,9 +190,17 @@ def test_torchrun_two_processes_on_cpu(tiny_mnist, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "trainer", "train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), "--output-dir", str(out),
                "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--no-download", "--threads", "1"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=280, env=_trainer_subprocess_env(), cwd=REPO)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 processes" in done.stdout
+    # Its own session, so a timeout takes down torchrun's workers too, not only torchrun.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_trainer_subprocess_env(), cwd=REPO, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=280)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, stdout + stderr
+    assert "2 processes" in stdout
     config = json.loads((out / "mnist-lenet-s0" / "config.json").read_text())
     assert config["training"]["world_size"] == 2 and config["status"] == "complete"
     assert RUN_DIR_FILES <= {p.name for p in (out / "mnist-lenet-s0").iterdir()}
@@ -253,8 +261,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_mnist, tmp_path, args, message):
     result = CliRunner().invoke(main, ["train", "--data-dir", str(tiny_mnist), "--output-dir", str(tmp_path),
                                        "--no-download", *args])  # fmt: skip
     assert result.exit_code == 2
-    assert message in result.output
-    assert result.output.startswith("trainer: error: ") and result.output.count("\n") == 1
+    assert message in result.stderr
+    assert result.stderr.startswith("trainer: error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.output
 
 
