@@ -144,6 +144,8 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
     evaluated = _invoke(["evaluate", str(out / "mnist-lenet-s0"), "--data-dir", str(tiny_mnist), "--no-download"])
     assert evaluated.exit_code == 0 and f"accuracy {accuracies[0]:.2%}" in evaluated.output
     assert "(difference 0.000 points)" in evaluated.output
+    on_val = _invoke(["evaluate", str(out / "mnist-lenet-s0"), "--split", "val", "--data-dir", str(tiny_mnist)])
+    assert on_val.exit_code == 0 and "(120 images)" in on_val.output and "(difference 0.000 points)" in on_val.output
     ensemble = json.loads((out / "mnist-lenet-ensemble.json").read_text())
     assert ensemble["members"] == [str(out / "mnist-lenet-s0"), str(out / "mnist-lenet-s1")]
     assert ensemble["member_test_accuracy"] == accuracies and 0 <= ensemble["test_accuracy"] <= 1

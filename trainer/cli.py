@@ -210,31 +210,48 @@ def _print_summary(results: list[dict], test_set, output_dir: Path, prefix: str)
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Data directory (as for train).")
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
+              help="val: the validation images the run held out (its --val-fraction and --split-seed).")  # fmt: skip
+@click.option("--tta", type=click.Choice(["none", "hflip", "hflip_translate"]), default=None,
+              help="Evaluate with this test-time augmentation instead of the run's own (to choose one on val).")  # fmt: skip
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading absent data files.")
-def evaluate(run_dir, data_dir, split, no_download):
+def evaluate(run_dir, data_dir, split, tta, no_download):
     """Accuracy of RUN_DIR's serving model (fp32, uint8 images) on a split, with per-class figures."""
     import torch
 
-    from ensemble_serving.datasets import load_dataset
     from ensemble_serving.metrics import confusion_matrix, per_class_metrics
-    from trainer.checkpoint import load_serving_model
-    from trainer.train import predict
+    from trainer.checkpoint import load_serving_model, serving_model_from
+    from trainer.data import split_train_validation
+    from trainer.train import TrainerError, load_datasets, predict
 
     model, config = load_serving_model(run_dir)
-    data = load_dataset(config["dataset"], split, data_dir, download=not no_download)
-    probs = predict(model, data.images, torch.device("cpu"), 1000)
+    if tta is not None:
+        model = serving_model_from(model.network, {**config, "serving": {"tta": tta}}).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetChecksumWarning)  # `train` already said so
+        train_set, test_set = load_datasets(config["dataset"], data_dir, download=not no_download)
+    if split == "test":
+        images, labels = test_set.images, test_set.labels
+    else:
+        _, val_idx = split_train_validation(train_set.labels, config.get("val_fraction", 0.0), config.get("split_seed", 0))
+        if split == "val" and len(val_idx) == 0:
+            raise TrainerError(f"{run_dir} was trained without a validation split (--val-fraction 0)")
+        index = val_idx if split == "val" else slice(None)
+        images, labels = train_set.images[index], train_set.labels[index]
+    probs = predict(model, images, torch.device("cpu"), config.get("hyperparameters", {}).get("eval_batch_size", 500))
     predictions = probs.argmax(1)
-    accuracy = float((predictions == data.labels).mean())
-    rows = per_class_metrics(confusion_matrix(data.labels, predictions, len(data.class_names)), data.class_names)
-    table = Table(title=f"{run_dir} on {config['dataset']} {split}: accuracy {accuracy:.2%} ({len(data.labels)} images)")
+    accuracy = float((predictions == labels).mean())
+    class_names = config["class_names"]
+    rows = per_class_metrics(confusion_matrix(labels, predictions, len(class_names)), class_names)
+    title = f"{run_dir} on {config['dataset']} {split} (TTA {model.tta}): accuracy {accuracy:.2%} ({len(labels)} images)"
+    table = Table(title=title)
     for column in ("class", "accuracy (recall)", "precision", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for row in rows:
         table.add_row(row["class"], f"{row['recall']:.2%}", f"{row['precision']:.2%}", f"{row['f1']:.4f}", str(row["support"]))
     console.print(table)
     recorded = config.get("metrics", {}).get(f"{split}_accuracy")
-    if recorded is not None:
+    if recorded is not None and tta is None:
         console.print(f"recorded in config.json: {recorded:.2%} (difference {abs(recorded - accuracy) * 100:.3f} points)")
     return 0
 

@@ -187,12 +187,6 @@ class InMemoryLoader:
             yield images[batch], self.labels[batch]
 
 
-def iterate_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
-    """Plain in-order batches for evaluation."""
-    for start in range(0, len(labels), batch_size):
-        yield images[start : start + batch_size], labels[start : start + batch_size]
-
-
 # --------------------------------------------------------------------------- measurement
 
 

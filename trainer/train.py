@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ensemble_serving.datasets import Dataset, DatasetError, load_dataset
@@ -33,7 +32,6 @@ from trainer.data import (
     Augmentation,
     InMemoryLoader,
     Normalizer,
-    iterate_batches,
     split_train_validation,
     to_nchw_tensor,
 )
