@@ -151,9 +151,11 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
     assert ensemble["member_test_accuracy"] == accuracies and 0 <= ensemble["test_accuracy"] <= 1
 
 
-def test_airbench_run_reloads_to_identical_outputs(tiny_cifar, tmp_path):
-    """Whitening init, lookahead, BN-bias lr scaling, flip TTA: the reloaded module matches bit for bit."""
-    hyper = get_recipe("airbench")
+@pytest.mark.parametrize("recipe", ["airbench", "airbench_sgd"])
+def test_airbench_run_reloads_to_identical_outputs(recipe, tiny_cifar, tmp_path):
+    """Whitening init, Muon or SGD with lookahead, BN-bias lr scaling, flip TTA: the reloaded module matches bit for bit."""
+    hyper = get_recipe(recipe)
+    hyper.pop("architecture", None)
     hyper.update(epochs=1, batch_size=100, arch_args={"widths": [16, 32, 32], "whiten_width": 12}, tta="hflip_translate")
     train = load_dataset("cifar10", "train", tiny_cifar, download=False)
     test = load_dataset("cifar10", "test", tiny_cifar, download=False)
@@ -161,7 +163,9 @@ def test_airbench_run_reloads_to_identical_outputs(tiny_cifar, tmp_path):
                    val_fraction=0.1, precision="fp32")  # fmt: skip
     summary = train_run(spec, Environment(torch.device("cpu")), train, test, console=_quiet_console())
     config = summary["config"]
-    assert config["serving"] == {"tta": "hflip_translate"} and config["hyperparameters"]["lookahead"] is True
+    assert config["serving"] == {"tta": "hflip_translate"}
+    assert config["hyperparameters"]["lookahead"] is (recipe == "airbench_sgd")
+    assert config["hyperparameters"]["optimizer"] == ("sgd" if recipe == "airbench_sgd" else "muon")
 
     in_memory = serving_model_from(summary["network"], config).eval()
     reloaded, _ = load_serving_model(tmp_path / "air")
@@ -296,7 +300,7 @@ def test_every_architecture_serves_uint8_nhwc_as_probabilities(architecture, cha
 
 
 def test_lr_schedules_warm_up_then_decay():
-    h = get_recipe("airbench")  # onecycle 0.2 -> 1 over 23%, then -> 0.07
+    h = get_recipe("airbench_sgd")  # onecycle 0.2 -> 1 over 23%, then -> 0.07
     assert lr_factor(0, 100, h) == pytest.approx(0.2)
     assert lr_factor(23, 100, h) == pytest.approx(1.0)
     assert lr_factor(100, 100, h) == pytest.approx(0.07)

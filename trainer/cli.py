@@ -76,8 +76,9 @@ def _parse_seeds(_ctx, _param, value: str) -> list[int]:
 @main.command()
 @click.option("--dataset", required=True, type=click.Choice(DATASET_NAMES), help="Which data set to train on.")
 @click.option("--arch", "architecture", type=click.Choice(list(RECIPES)),
-              help="Network. Default: lenet for mnist, airbench for cifar10. "
-                   "mnist: lenet, mnist_cnn; cifar10: cifar_cnn, airbench.")  # fmt: skip
+              help="Network and its recipe (airbench_sgd: the airbench net with airbench94's SGD recipe). "
+                   "Default: lenet for mnist, airbench for cifar10. "
+                   "mnist: lenet, mnist_cnn; cifar10: cifar_cnn, airbench, airbench_sgd.")  # fmt: skip
 @click.option("--seeds", default="0", show_default=True, callback=_parse_seeds,
               help="Comma-separated seeds; one run dir per seed (an ensemble: --seeds 0,1,2).")  # fmt: skip
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
@@ -88,7 +89,8 @@ def _parse_seeds(_ctx, _param, value: str) -> list[int]:
 @click.option("--name", default=None, help="Run name prefix; run dirs are NAME-s<seed>. Default: <dataset>-<arch>.")
 @click.option("--epochs", type=int, help="Epochs (recipe default if omitted; see `trainer recipes`).")
 @click.option("--batch-size", type=int, help="Global batch size (split over processes under torchrun).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), help="sgd (with momentum) or Adam/AdamW.")
+@click.option("--optimizer", type=click.Choice(["sgd", "muon", "adam", "adamw"]),
+              help="sgd (with momentum), muon (Muon on conv filters, SGD on the rest) or Adam/AdamW.")  # fmt: skip
 @click.option("--lr", type=float, help="Peak learning rate (mean loss, this batch size).")
 @click.option("--momentum", type=float, help="SGD momentum.")
 @click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum for SGD.")
@@ -130,11 +132,12 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
 
     from trainer.train import RunSpec, TrainerError, load_datasets, setup_environment, train_run
 
-    architecture = architecture or DEFAULT_ARCHITECTURE[dataset]
-    if architecture not in ARCHITECTURES_FOR[dataset] and os.environ.get("RANK", "0") == "0":
-        console.print(f"[yellow]note: {architecture} is tuned for {get_recipe(architecture)['dataset']}, "
-                      f"not {dataset}[/]")  # fmt: skip
-    hyper = _apply_overrides(get_recipe(architecture), overrides)
+    recipe = architecture or DEFAULT_ARCHITECTURE[dataset]
+    if recipe not in ARCHITECTURES_FOR[dataset] and os.environ.get("RANK", "0") == "0":
+        console.print(f"[yellow]note: {recipe} is tuned for {get_recipe(recipe)['dataset']}, not {dataset}[/]")
+    hyper = _apply_overrides(get_recipe(recipe), overrides)
+    architecture = hyper.pop("architecture", recipe)  # a variant recipe (airbench_sgd) names its network
+    hyper["recipe"] = recipe
     if threads is not None:
         if threads < 1:
             raise TrainerError(f"--threads must be >= 1, got {threads}")
@@ -146,7 +149,7 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
     if env.is_main:
         for warning in caught:  # one readable line each instead of Python's two-line warning format
             console.print(f"[yellow]note: {warning.message}[/]")
-    prefix = name or f"{dataset}-{architecture}"
+    prefix = name or f"{dataset}-{recipe}"
     results = []
     for seed in seeds:
         spec = RunSpec(dataset=dataset, architecture=architecture, hyper=dict(hyper), seed=seed,

@@ -3,10 +3,11 @@ readable in one place). Command-line options override single entries.
 
 Learning rates are for the mean cross-entropy over a batch and the batch size given;
 weight decay is PyTorch's coupled form (added to the gradient, so each step shrinks
-weights by lr * weight_decay). The airbench numbers are Keller Jordan's published
+weights by lr * weight_decay). The airbench_sgd numbers are Keller Jordan's published
 airbench94 settings (lr 11.5 and decoupled decay 0.0153 per 1024 examples, momentum
 0.85, on a summed loss) rewritten in those terms: lr = 11.5 / (1 + 1 / (1 - 0.85)) = 1.5
-and weight_decay = 0.0153 / 11.5 = 1.33e-3.
+and weight_decay = 0.0153 / 11.5 = 1.33e-3. The airbench recipe is airbench94_muon's,
+rewritten the same way (see its comment).
 Choose changes on the validation split (--val-fraction), never on the test set.
 """
 
@@ -72,9 +73,41 @@ RECIPES: dict[str, dict] = {
         "augmentation": {"translate": 4, "pad_mode": "reflect", "flip": "random", "cutout": 8},
         "tta": "hflip",
     },
-    # Airbench-style fast CIFAR-10 net: big batch, high nesterov lr on a short triangle,
-    # label smoothing, 64x lr on BatchNorm shifts, lookahead, alternating flips, flip TTA.
+    # Airbench-style fast CIFAR-10 net trained as airbench94_muon: Muon on the conv filters,
+    # Nesterov SGD on the head and on BatchNorm/whitening shifts (64x lr), big batch, lr
+    # decaying linearly to 0, label smoothing, alternating flips. The airbench94_muon values
+    # (summed loss, batch 2000: head lr 0.67 on a unit-std head scaled by 1/256, bias lr
+    # 0.053, decay 2e-6 per example) rewritten for this net's mean loss and 1/9-scaled
+    # default-init head: lr = 0.67 * 2000 * 81 / 256**2 = 1.66, weight_decay = 0.004 / 1.66.
+    # Chosen on the validation split (45k/5k): 12 epochs gave val 90.62% against 89.54% for the
+    # SGD recipe in 10; 11 epochs (the reference does 8) fit 25 minutes on the 2-core machine.
     "airbench": {
+        "dataset": "cifar10",
+        "arch_args": {"widths": [64, 256, 256], "whiten_width": 24},
+        "epochs": 11,
+        "batch_size": 2000,
+        "optimizer": "muon",
+        "muon_lr": 0.24,
+        "muon_momentum": 0.6,
+        "lr": 1.66,
+        "momentum": 0.85,
+        "nesterov": True,
+        "weight_decay": 2.4e-3,
+        "norm_bias_lr_scale": 64.0,
+        "whiten_bias_epochs": 3,
+        "label_smoothing": 0.2,
+        "schedule": "onecycle",
+        "warmup": 0.0,
+        "lr_end_factor": 0.0,
+        "lookahead": False,
+        "augmentation": {"translate": 2, "pad_mode": "reflect", "flip": "alternating", "cutout": 0},
+        "tta": "hflip",
+        "eval_batch_size": 500,
+    },
+    # The same net trained as airbench94 (SGD): high nesterov lr on a short triangle,
+    # 64x lr on BatchNorm shifts, lookahead. 90.50% in 10 epochs on the JPEG copy.
+    "airbench_sgd": {
+        "architecture": "airbench",
         "dataset": "cifar10",
         "arch_args": {"widths": [64, 256, 256], "whiten_width": 24},
         "epochs": 10,
@@ -114,15 +147,23 @@ DEFAULTS: dict = {
     "lookahead": False,
     "lookahead_every": 5,
     "lookahead_decay": 0.95**5,
+    "muon_lr": 0.24,  # --optimizer muon: step length of the orthogonalized conv-filter updates
+    "muon_momentum": 0.6,
+    "whiten_bias_epochs": 0,  # airbench: the whitening conv's bias stops learning after this many epochs; 0 = never
     "tta": "none",  # test-time augmentation inside the served graph: none, hflip, hflip_translate
     "eval_batch_size": 1000,
 }
 
 ARCHITECTURES_FOR = {
     "mnist": ("lenet", "mnist_cnn"),
-    "cifar10": ("cifar_cnn", "airbench"),
+    "cifar10": ("cifar_cnn", "airbench", "airbench_sgd"),
 }
 DEFAULT_ARCHITECTURE = {"mnist": "lenet", "cifar10": "airbench"}
+
+
+def architecture_of(recipe_name: str) -> str:
+    """The network a recipe trains: its name, unless it is a variant (airbench_sgd -> airbench)."""
+    return RECIPES[recipe_name].get("architecture", recipe_name)
 
 
 def get_recipe(architecture: str) -> dict:

@@ -36,8 +36,9 @@ from trainer.data import (
     to_nchw_tensor,
 )
 from trainer.models import build_model, count_parameters
+from trainer.muon import MuonWithSGD
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "muon", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -175,6 +176,10 @@ def validate(spec: RunSpec, n_images: int, image_size: int, world_size: int) -> 
     need(0 <= h["momentum"] < 1, f"--momentum must be in [0, 1), got {h['momentum']}")
     need(not (h["nesterov"] and h["optimizer"] == "sgd" and h["momentum"] == 0),
          "Nesterov SGD needs --momentum > 0 (or pass --no-nesterov)")  # fmt: skip
+    need(h["muon_lr"] > 0 and 0 <= h["muon_momentum"] < 1,
+         f"muon_lr must be > 0 and muon_momentum in [0, 1), got {h['muon_lr']} and {h['muon_momentum']}")  # fmt: skip
+    need(isinstance(h["whiten_bias_epochs"], int) and h["whiten_bias_epochs"] >= 0,
+         f"whiten_bias_epochs must be a whole number >= 0, got {h['whiten_bias_epochs']}")  # fmt: skip
     need(h["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {h['weight_decay']}")
     need(0 <= h["label_smoothing"] < 1, f"--label-smoothing must be in [0, 1), got {h['label_smoothing']}")
     need(0 <= h["warmup"] <= 1, f"--warmup is a fraction of training in [0, 1], got {h['warmup']}")
@@ -213,20 +218,41 @@ def lr_factor(step: int, total_steps: int, h: dict) -> float:
 
 
 def make_optimizer(network: nn.Module, h: dict) -> torch.optim.Optimizer:
-    """Two parameter groups: BatchNorm shifts (lr x norm_bias_lr_scale, decay / the same), the rest."""
-    norm_biases, others = [], []
+    """Parameter groups, each with a base_lr the schedule scales:
+
+    - BatchNorm shifts: lr x norm_bias_lr_scale, weight decay / the same (airbench);
+    - the whitening conv's bias (airbench): stops learning after whiten_bias_epochs (0 = never);
+      with Muon it learns at the shifts' fast rate, as in airbench94_muon;
+    - conv filters, with --optimizer muon: Muon at muon_lr (see trainer/muon.py);
+    - everything else: lr and weight_decay.
+    """
+    muon = h["optimizer"] == "muon"
+    whiten = getattr(network, "whiten", None)
+    shifts, whiten_bias, filters, others = [], [], [], []
     for module in network.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            is_norm_bias = isinstance(module, nn.modules.batchnorm._NormBase) and name == "bias"
-            (norm_biases if is_norm_bias else others).append(param)
+            if module is whiten and name == "bias":
+                whiten_bias.append(param)
+            elif isinstance(module, nn.modules.batchnorm._NormBase) and name == "bias":
+                shifts.append(param)
+            elif muon and param.ndim == 4:
+                filters.append(param)
+            else:
+                others.append(param)
     scale = h["norm_bias_lr_scale"]
-    groups = [{"params": others, "base_lr": h["lr"], "weight_decay": h["weight_decay"]}]
-    if norm_biases:
-        groups.append({"params": norm_biases, "base_lr": h["lr"] * scale, "weight_decay": h["weight_decay"] / scale})
+    slow = {"base_lr": h["lr"], "weight_decay": h["weight_decay"]}
+    fast = {"base_lr": h["lr"] * scale, "weight_decay": h["weight_decay"] / scale}
+    groups = [{"params": others, **slow}, {"params": shifts, **fast},
+              {"params": whiten_bias, **(fast if muon else slow), "until_epoch": h["whiten_bias_epochs"] or None},
+              {"params": filters, "base_lr": h["muon_lr"], "momentum": h["muon_momentum"], "weight_decay": 0.0,
+               "orthogonalize": True}]  # fmt: skip
+    groups = [group for group in groups if group["params"]]
     for group in groups:
         group["lr"] = group["base_lr"]
+    if muon:
+        return MuonWithSGD(groups, momentum=h["momentum"])
     if h["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=h["lr"], momentum=h["momentum"], nesterov=h["nesterov"])
     if h["optimizer"] == "adam":
@@ -234,9 +260,11 @@ def make_optimizer(network: nn.Module, h: dict) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=h["lr"])
 
 
-def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, factor: float, epoch: int) -> None:
+    """Scale every group's base_lr by the schedule's factor; groups past their until_epoch get 0."""
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        until = group.get("until_epoch")
+        group["lr"] = 0.0 if until is not None and epoch >= until else group["base_lr"] * factor
 
 
 class Lookahead:
@@ -408,7 +436,7 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
         )
 
     progress = _EpochProgress(console, enabled=env.is_main)
-    set_lr(optimizer, lr_factor(state["global_step"], total_steps, h))
+    set_lr(optimizer, lr_factor(state["global_step"], total_steps, h), state["global_step"] // len(loader))
     try:
         while state["epoch"] < h["epochs"]:
             epoch = state["epoch"]
@@ -432,7 +460,7 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
                     state["global_step"] += 1
                     state["step_in_epoch"] += 1
                     factor = lr_factor(state["global_step"], total_steps, h)
-                    set_lr(optimizer, factor)
+                    set_lr(optimizer, factor, state["global_step"] // len(loader))
                     if lookahead is not None:
                         lookahead.step(network, state["global_step"], total_steps)
                     with torch.no_grad():
