@@ -9,6 +9,9 @@ flight shows whether memory growth is ours or grpcio's:
         --metrics-url http://127.0.0.1:28732/metrics --model tiny --mix expired=1 --duration 120
 
 (grpcio 1.85: both grow by roughly 80-100 bytes per expired request; grpc/grpc#43360.)
+
+`--sync` serves the same answers from grpc's thread-pool server instead of grpc.aio, to
+see whether the leak is particular to grpc.aio.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -41,18 +46,50 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         await asyncio.sleep(random.uniform(0, 0.01))
-        batch = request.inputs[0].shape[0]
-        pixels = np.frombuffer(request.raw_input_contents[0], np.uint8).reshape(batch, -1)
-        response = pb.ModelInferResponse(model_name=request.model_name)
-        response.outputs.add(name="probabilities", datatype="FP32", shape=[batch, CLASSES])
-        response.raw_output_contents.append((pixels[:, :CLASSES].astype("<f4") / 255).tobytes())
-        return response
+        return answer(request)
 
 
-async def serve(grpc_port: int, metrics_port: int) -> None:
+class BareSyncServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The same answers from grpc's thread-pool server."""
+
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    def ModelMetadata(self, request, context):
+        images = pb.ModelMetadataResponse.TensorMetadata(name="images", datatype="UINT8", shape=[-1, *IMAGE_SHAPE])
+        return pb.ModelMetadataResponse(name=request.name, inputs=[images])
+
+    def ModelInfer(self, request, context):
+        time.sleep(random.uniform(0, 0.01))
+        return answer(request)
+
+
+def answer(request):
+    batch = request.inputs[0].shape[0]
+    pixels = np.frombuffer(request.raw_input_contents[0], np.uint8).reshape(batch, -1)
+    response = pb.ModelInferResponse(model_name=request.model_name)
+    response.outputs.add(name="probabilities", datatype="FP32", shape=[batch, CLASSES])
+    response.raw_output_contents.append((pixels[:, :CLASSES].astype("<f4") / 255).tobytes())
+    return response
+
+
+def start_metrics(metrics_port: int) -> None:
     # soak.py checks this gauge at the end; a server without a queue has nothing pending.
     Gauge("ensemble_server_pending_requests", "Always 0: no queue.", ["model"]).labels(model="any").set(0)
     start_http_server(metrics_port, addr="127.0.0.1")
+
+
+def serve_sync(grpc_port: int, metrics_port: int) -> None:
+    start_metrics(metrics_port)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(BareSyncServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{grpc_port}")
+    server.start()
+    server.wait_for_termination()
+
+
+async def serve(grpc_port: int, metrics_port: int) -> None:
+    start_metrics(metrics_port)
     server = grpc.aio.server()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(BareServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{grpc_port}")
@@ -61,4 +98,8 @@ async def serve(grpc_port: int, metrics_port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1]), int(sys.argv[2])))
+    ports = [int(arg) for arg in sys.argv[1:] if arg != "--sync"]
+    if "--sync" in sys.argv:
+        serve_sync(*ports)
+    else:
+        asyncio.run(serve(*ports))
