@@ -8,10 +8,11 @@ flight shows whether memory growth is ours or grpcio's:
     python benchmarks/soak.py --url 127.0.0.1:28731 --pid $! \
         --metrics-url http://127.0.0.1:28732/metrics --model tiny --mix expired=1 --duration 120
 
-(grpcio 1.85: both grow by roughly 80-100 bytes per expired request; grpc/grpc#43360.)
+(grpcio 1.85 on grpc.aio: roughly 80 bytes per expired request; grpc/grpc#43360.)
 
-`--sync` serves the same answers from grpc's thread-pool server instead of grpc.aio, to
-see whether the leak is particular to grpc.aio.
+`--sync` serves the same answers from grpc's thread-pool server instead of grpc.aio, as
+our server now does: 75 s of expired-only load grew it 2.5 % (244 k requests) against
+20.4 % (303 k requests) on grpc.aio.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -39,12 +40,16 @@ from server.security import (
     server_credentials,
 )
 from server.servicer import InferenceServicer, ServerState
+from server.transport import ThreadedServicer
 
 log = logging.getLogger("server")
 
 # After in-flight inference has finished, how long other RPCs (health watches,
 # metadata calls) get before gRPC cancels them.
 FINAL_STOP_GRACE_S = 1.0
+# Each call holds a worker thread while its coroutine runs on the loop (threads start on
+# demand). --max-concurrent-rpcs, when set, answers RESOURCE_EXHAUSTED beyond its limit.
+GRPC_WORKER_THREADS = 512
 
 
 class StartupError(Exception):
@@ -125,9 +130,12 @@ async def serve(settings: ServerSettings) -> None:
         raise StartupError(f"cannot serve metrics on {address}: {error}") from None
 
     state = ServerState()
-    server = grpc.aio.server(options=_grpc_options(settings), interceptors=interceptors,
-                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state, repository, metrics), server)
+    # gRPC on worker threads, the servicer on this loop: see server/transport.py for why.
+    server = grpc.server(ThreadPoolExecutor(max_workers=GRPC_WORKER_THREADS, thread_name_prefix="grpc"),
+                         options=_grpc_options(settings), interceptors=interceptors,
+                         maximum_concurrent_rpcs=settings.max_concurrent_rpcs)  # fmt: skip
+    servicer = InferenceServicer(state, repository, metrics)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(ThreadedServicer(servicer, asyncio.get_running_loop()), server)
     health = HealthReporter(server)
     enable_reflection(server)
     try:
@@ -138,8 +146,8 @@ async def serve(settings: ServerSettings) -> None:
     except RuntimeError as error:
         metrics.shutdown()
         raise StartupError(f"cannot listen for gRPC on {settings.grpc_address}: {error}") from None
-    await server.start()
-    await health.starting(names)
+    server.start()
+    health.starting(names)
     log.info("gRPC on %s (live, not ready); loading %d model(s) from %s: %s", settings.grpc_address,
              len(names), settings.model_repository, ", ".join(names))
 
@@ -162,13 +170,13 @@ async def serve(settings: ServerSettings) -> None:
         names = _report_load_failures(failed or {}, names, repository, metrics)
         state.ready = True
         metrics.ready.set(1)
-        await health.serving(names)
+        health.serving(names)
         log.info("ready: %d model(s) loaded in %.1f s", len(names), time.perf_counter() - started)
 
         await stop.wait()
         await _drain(state, settings.grace_period_s, health, metrics)
     finally:
-        await server.stop(FINAL_STOP_GRACE_S)
+        await asyncio.to_thread(lambda: server.stop(FINAL_STOP_GRACE_S).wait())
         await state.registry.close()
         metrics.shutdown()
     log.info("stopped")
@@ -191,7 +199,7 @@ def _report_load_failures(failed: dict[str, str], names: list[str], repository, 
 async def _drain(state: ServerState, grace_period_s: float, health: HealthReporter, metrics: ServerMetrics) -> None:
     state.draining = True
     metrics.ready.set(0)
-    await health.shutting_down()
+    health.shutting_down()
     log.info("not ready; waiting up to %.1f s for %d request(s) in flight", grace_period_s, state.in_flight)
     if await state.wait_idle(grace_period_s):
         log.info("all in-flight requests finished")
