@@ -59,11 +59,13 @@ def test_muon_filters_keep_a_fixed_norm_and_move():
 
 def test_airbench_recipe_groups_filters_shifts_head_and_whitening_bias():
     network = airbench(widths=(16, 32, 32), whiten_width=12)
-    optimizer = make_optimizer(network, get_recipe("airbench"))
+    recipe = get_recipe("airbench")
+    optimizer = make_optimizer(network, recipe)
     groups = {(g.get("orthogonalize", False), g.get("until_epoch")): g for g in optimizer.param_groups}
     filters = groups[(True, None)]
     assert len(filters["params"]) == 6 and all(p.ndim == 4 for p in filters["params"])  # the whitening conv is frozen
     whiten_bias = groups[(False, 3)]
-    assert whiten_bias["params"] == [network.whiten.bias] and whiten_bias["lr"] == pytest.approx(1.66 * 64)
+    assert whiten_bias["params"] == [network.whiten.bias]
+    assert whiten_bias["lr"] == pytest.approx(recipe["lr"] * recipe["norm_bias_lr_scale"])
     set_lr(optimizer, 0.5, epoch=3)  # the whitening bias stops learning after 3 epochs; the rest follow the schedule
-    assert whiten_bias["lr"] == 0 and filters["lr"] == pytest.approx(0.12)
+    assert whiten_bias["lr"] == 0 and filters["lr"] == pytest.approx(recipe["muon_lr"] / 2)

@@ -92,6 +92,7 @@ def _parse_seeds(_ctx, _param, value: str) -> list[int]:
 @click.option("--optimizer", type=click.Choice(["sgd", "muon", "adam", "adamw"]),
               help="sgd (with momentum), muon (Muon on conv filters, SGD on the rest) or Adam/AdamW.")  # fmt: skip
 @click.option("--lr", type=float, help="Peak learning rate (mean loss, this batch size).")
+@click.option("--muon-lr", type=float, help="With --optimizer muon: step length of the orthogonalized filter updates.")
 @click.option("--momentum", type=float, help="SGD momentum.")
 @click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum for SGD.")
 @click.option("--weight-decay", type=float, help="L2 weight decay (decoupled for AdamW).")
