@@ -38,12 +38,6 @@ class LoopContext:
     def time_remaining(self) -> float | None:
         return self._context.time_remaining()
 
-    def invocation_metadata(self):
-        return self._context.invocation_metadata()
-
-    def peer(self) -> str:
-        return self._context.peer()
-
 
 def _unary_bridge(coroutine_function, loop: asyncio.AbstractEventLoop):
     """A thread-pool handler that runs `coroutine_function(request, context)` on `loop`."""
