@@ -42,8 +42,7 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=True)
 
     async def ModelMetadata(self, request, context):
-        images = pb.ModelMetadataResponse.TensorMetadata(name="images", datatype="UINT8", shape=[-1, *IMAGE_SHAPE])
-        return pb.ModelMetadataResponse(name=request.name, inputs=[images])
+        return metadata(request)
 
     async def ModelInfer(self, request, context):
         await asyncio.sleep(random.uniform(0, 0.01))
@@ -57,12 +56,16 @@ class BareSyncServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=True)
 
     def ModelMetadata(self, request, context):
-        images = pb.ModelMetadataResponse.TensorMetadata(name="images", datatype="UINT8", shape=[-1, *IMAGE_SHAPE])
-        return pb.ModelMetadataResponse(name=request.name, inputs=[images])
+        return metadata(request)
 
     def ModelInfer(self, request, context):
         time.sleep(random.uniform(0, 0.01))
         return answer(request)
+
+
+def metadata(request):
+    images = pb.ModelMetadataResponse.TensorMetadata(name="images", datatype="UINT8", shape=[-1, *IMAGE_SHAPE])
+    return pb.ModelMetadataResponse(name=request.name, inputs=[images])
 
 
 def answer(request):

@@ -155,7 +155,6 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
 def test_airbench_run_reloads_to_identical_outputs(recipe, tiny_cifar, tmp_path):
     """Whitening init, Muon or SGD with lookahead, BN-bias lr scaling, flip TTA: the reloaded module matches bit for bit."""
     hyper = get_recipe(recipe)
-    hyper.pop("architecture", None)
     hyper.update(epochs=1, batch_size=100, arch_args={"widths": [16, 32, 32], "whiten_width": 12}, tta="hflip_translate")
     train = load_dataset("cifar10", "train", tiny_cifar, download=False)
     test = load_dataset("cifar10", "test", tiny_cifar, download=False)

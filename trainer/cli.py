@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ensemble_serving.datasets import DATA_DIR_ENV, DATASET_NAMES, DatasetChecksumWarning, DatasetError
-from trainer.recipes import ARCHITECTURES_FOR, DEFAULT_ARCHITECTURE, RECIPES, get_recipe
+from trainer.recipes import ARCHITECTURES_FOR, DEFAULT_ARCHITECTURE, RECIPES, architecture_of, get_recipe
 
 # soft_wrap: long lines stay whole in log files instead of breaking at 80 columns.
 # Wide tables when writing to a log file instead of rich's 80-column default.
@@ -137,7 +137,7 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
     if recipe not in ARCHITECTURES_FOR[dataset] and os.environ.get("RANK", "0") == "0":
         console.print(f"[yellow]note: {recipe} is tuned for {get_recipe(recipe)['dataset']}, not {dataset}[/]")
     hyper = _apply_overrides(get_recipe(recipe), overrides)
-    architecture = hyper.pop("architecture", recipe)  # a variant recipe (airbench_sgd) names its network
+    architecture = architecture_of(recipe)
     hyper["recipe"] = recipe
     if threads is not None:
         if threads < 1:
@@ -265,7 +265,7 @@ def evaluate(run_dir, data_dir, split, tta, no_download):
 def recipes(architecture):
     """Print the hyperparameter preset(s) that `train` starts from."""
     for name in [architecture] if architecture else list(RECIPES):
-        console.print(f"[bold]{name}[/]")
+        console.print(f"[bold]{name}[/] (network: {architecture_of(name)})")
         console.print_json(json.dumps(get_recipe(name)))
 
 

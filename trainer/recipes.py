@@ -167,9 +167,10 @@ def architecture_of(recipe_name: str) -> str:
 
 
 def get_recipe(architecture: str) -> dict:
-    """A fresh copy of the recipe (defaults filled in), safe to modify."""
+    """A fresh copy of the recipe's hyperparameters (defaults filled in), safe to modify."""
     if architecture not in RECIPES:
         raise KeyError(architecture)
     recipe = copy.deepcopy(DEFAULTS)
     recipe.update(copy.deepcopy(RECIPES[architecture]))
+    recipe.pop("architecture", None)  # which network: architecture_of()
     return recipe
