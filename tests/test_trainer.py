@@ -150,6 +150,21 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
     assert ensemble["members"] == [str(out / "mnist-lenet-s0"), str(out / "mnist-lenet-s1")]
     assert ensemble["member_test_accuracy"] == accuracies and 0 <= ensemble["test_accuracy"] <= 1
 
+    # `compare` reads the same figures back, skips what is not a finished run, and plots.
+    interrupted = {**json.loads((out / "mnist-lenet-s1" / "config.json").read_text()), "status": "interrupted"}
+    (tmp_path / "interrupted-run").mkdir()
+    (tmp_path / "interrupted-run" / "config.json").write_text(json.dumps(interrupted))
+    plot = tmp_path / "compare.png"
+    compared = _invoke(["compare", str(out / "mnist-lenet-s0"), str(out / "mnist-lenet-s1"),
+                        str(tmp_path / "interrupted-run"), str(out),
+                        "--plot", str(plot), "--target", "0.5", "--budget-minutes", "1"])  # fmt: skip
+    assert compared.exit_code == 0, compared.output
+    assert "not a finished run (status 'interrupted')" in compared.output
+    assert f"skipping {out}: {out} has no config.json" in compared.output
+    for accuracy in accuracies:
+        assert f"{accuracy:.2%}" in compared.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 @pytest.mark.parametrize("recipe", ["airbench", "airbench_sgd"])
 def test_airbench_run_reloads_to_identical_outputs(recipe, tiny_cifar, tmp_path):

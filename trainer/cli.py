@@ -1,4 +1,4 @@
-"""`trainer` command line: train (one model or an ensemble of seeds), evaluate, recipes.
+"""`trainer` command line: train (one model or an ensemble of seeds), evaluate, compare, recipes.
 
 Errors a user can fix (unknown dataset, missing files, impossible hyperparameters) are
 printed as one line, `trainer: error: ...`, with exit status 2 and no traceback.
@@ -257,6 +257,52 @@ def evaluate(run_dir, data_dir, split, tta, no_download):
     recorded = config.get("metrics", {}).get(f"{split}_accuracy")
     if recorded is not None and tta is None:
         console.print(f"recorded in config.json: {recorded:.2%} (difference {abs(recorded - accuracy) * 100:.3f} points)")
+    return 0
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Also write a PNG of test accuracy against training minutes.")  # fmt: skip
+@click.option("--target", type=click.FloatRange(0, 1), default=None,
+              help="Draw this accuracy (0-1) on the plot, e.g. 0.92.")
+@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Draw this training-time budget on the plot.")
+def compare(run_dirs, plot, target, budget_minutes):
+    """Compare finished runs: recipe, epochs, batch, training time, val and test accuracy.
+
+    \b
+    Example:
+      trainer compare runs/cifar10-* --plot accuracy-vs-time.png --target 0.92 --budget-minutes 25
+    """
+    from trainer.checkpoint import RunDirError, read_config
+    from trainer.report import save_comparison_png
+
+    runs = []
+    table = Table(title="Runs (test accuracy: the run dir's serving model, fp32)")
+    for column in ("run dir", "recipe", "epochs", "batch", "train images", "train time", "val acc", "test acc"):
+        table.add_column(column, justify="left" if column in ("run dir", "recipe") else "right", no_wrap=column != "run dir")
+    for run_dir in run_dirs:
+        try:
+            config = read_config(Path(run_dir))
+        except RunDirError as error:
+            console.print(f"[yellow]skipping {run_dir}: {error}[/]")
+            continue
+        metrics, hyper = config.get("metrics") or {}, config.get("hyperparameters", {})
+        if config.get("status") != "complete" or "test_accuracy" not in metrics:
+            console.print(f"[yellow]skipping {run_dir}: not a finished run (status {config.get('status')!r})[/]")
+            continue
+        seconds, val = config["training"]["train_seconds"], metrics.get("val_accuracy")
+        runs.append({"name": Path(run_dir).name, "minutes": seconds / 60, "test_accuracy": metrics["test_accuracy"],
+                     "train_samples": config["train_samples"]})  # fmt: skip
+        recipe = hyper.get("recipe") or f"{config['architecture']} ({hyper.get('optimizer', '?')})"  # runs before `recipe`
+        table.add_row(str(run_dir), recipe, str(config.get("epochs_completed", "")),
+                      str(hyper.get("batch_size", "")), f"{config['train_samples']:,}", f"{seconds / 60:.1f} min",
+                      "-" if val is None else f"{val:.2%}", f"{metrics['test_accuracy']:.2%}")  # fmt: skip
+    console.print(table)
+    if plot and runs:
+        save_comparison_png(runs, Path(plot), target, budget_minutes)
+        console.print(f"plot: {plot}")
     return 0
 
 

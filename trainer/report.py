@@ -70,3 +70,34 @@ def write_test_report(run_dir: Path, labels: np.ndarray, probabilities: np.ndarr
 
 def _fmt(value):
     return f"{value:.4f}" if isinstance(value, float) else value
+
+
+def save_comparison_png(runs: list[dict], path: Path, target: float | None, budget_minutes: float | None) -> None:
+    """Test accuracy against training minutes, one labelled point per run.
+
+    `runs`: dicts with name, minutes, test_accuracy and train_samples. Runs trained on a
+    reduced set (validation runs) get their own marker, since they saw fewer images.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    full = max(run["train_samples"] for run in runs)
+    for subset, marker, label in ((True, "o", f"trained on {full:,} images"), (False, "^", "validation runs (fewer images)")):
+        points = [run for run in runs if (run["train_samples"] == full) == subset]
+        if points:
+            ax.scatter([r["minutes"] for r in points], [100 * r["test_accuracy"] for r in points], marker=marker, s=50, label=label)
+    for run in runs:
+        ax.annotate(run["name"], (run["minutes"], 100 * run["test_accuracy"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)  # fmt: skip
+    if target is not None:
+        ax.axhline(100 * target, color="tab:red", linestyle="--", linewidth=1, label=f"target {target:.0%}")
+    if budget_minutes is not None:
+        ax.axvline(budget_minutes, color="tab:gray", linestyle=":", linewidth=1, label=f"budget {budget_minutes:g} min")
+    ax.margins(x=0.2, y=0.1)  # room for the labels beside the outermost points
+    ax.set_xlabel("training time (minutes, wall clock, evaluation excluded)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
