@@ -303,6 +303,8 @@ def compare(run_dirs, plot, target, budget_minutes):
     if plot and runs:
         save_comparison_png(runs, Path(plot), target, budget_minutes)
         console.print(f"plot: {plot}")
+    elif plot:
+        console.print(f"[yellow]no finished runs: {plot} not written[/]")
     return 0
 
 

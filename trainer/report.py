@@ -91,7 +91,7 @@ def save_comparison_png(runs: list[dict], path: Path, target: float | None, budg
         ax.annotate(run["name"], (run["minutes"], 100 * run["test_accuracy"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)  # fmt: skip
     if target is not None:
-        ax.axhline(100 * target, color="tab:red", linestyle="--", linewidth=1, label=f"target {target:.0%}")
+        ax.axhline(100 * target, color="tab:red", linestyle="--", linewidth=1, label=f"target {100 * target:g}%")
     if budget_minutes is not None:
         ax.axvline(budget_minutes, color="tab:gray", linestyle=":", linewidth=1, label=f"budget {budget_minutes:g} min")
     ax.margins(x=0.2, y=0.1)  # room for the labels beside the outermost points
