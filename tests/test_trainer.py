@@ -106,7 +106,7 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
     out = tmp_path / "runs"
     result = _invoke(["train", "--dataset", "mnist", "--data-dir", str(tiny_mnist), "--output-dir", str(out),
                       "--epochs", "1", "--batch-size", "64", "--seeds", "0,1", "--val-fraction", "0.2",
-                      "--no-download"])  # fmt: skip
+                      "--widths", "8,24", "--no-download"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Summary" in result.output and "per-class test accuracy" in result.output
     test = load_dataset("mnist", "test", tiny_mnist, download=False)
@@ -118,6 +118,7 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
         config = json.loads((run_dir / "config.json").read_text())
         assert config["format_version"] == 1 and config["status"] == "complete"
         assert config["architecture"] == "lenet" and config["seed"] == seed
+        assert config["arch_args"]["widths"] == [8, 24]  # --widths reaches the rebuilt network
         assert config["input"] == {"height": 28, "width": 28, "channels": 1, "dtype": "uint8", "layout": "NHWC"}
         assert config["normalization"] == {"mean": [0.1307], "std": [0.3081]}
         assert config["train_samples"] == 480 and config["val_samples"] == 120
@@ -163,6 +164,8 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
     assert f"skipping {out}: {out} has no config.json" in compared.output
     for accuracy in accuracies:
         assert f"{accuracy:.2%}" in compared.output
+    parameters = json.loads((out / "mnist-lenet-s0" / "config.json").read_text())["parameters"]
+    assert f"{parameters:,}" in compared.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -274,6 +277,8 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_finishes(tiny_mnist, tmp_path):
         (["--dataset", "mnist", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
         (["--dataset", "mnist", "--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
         (["--dataset", "mnist", "--seeds", "0,x"], "comma-separated integers"),
+        (["--dataset", "mnist", "--widths", "16,x"], "comma-separated positive integers"),
+        (["--dataset", "mnist", "--widths", "16,32,64"], "this network has 2 stages, got 3 widths"),
         (["--dataset", "cifar10"], "CIFAR-10 train files not found"),
     ],
 )

@@ -103,6 +103,9 @@ def _parse_seeds(_ctx, _param, value: str) -> list[int]:
 @click.option("--translate", type=int, help="Augmentation: random shift of up to N pixels (0 = off).")
 @click.option("--flip", type=click.Choice(["none", "random", "alternating"]), help="Augmentation: horizontal flips.")
 @click.option("--cutout", type=int, help="Augmentation: zero a random NxN square (0 = off).")
+@click.option("--widths", callback=lambda ctx, param, value: _parse_widths(value),
+              help="Channel widths of the network's conv stages, comma-separated (airbench: 64,256,256; "
+                   "airbench95's wider net: 128,384,384). Same count as the recipe's.")  # fmt: skip
 @click.option("--lookahead/--no-lookahead", default=None, help="Lookahead slow weights (airbench).")
 @click.option("--tta", type=click.Choice(["none", "hflip", "hflip_translate"]),
               help="Test-time augmentation inside the served graph: average logits over the mirror image "
@@ -169,12 +172,30 @@ _AUGMENTATION_KEYS = ("translate", "flip", "cutout")
 _HYPER_KEYS = {"lookahead": "lookahead"}
 
 
+def _parse_widths(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        widths = [int(part) for part in value.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise click.BadParameter(f"expected comma-separated positive integers such as 64,256,256, got {value!r}")
+    return widths
+
+
 def _apply_overrides(recipe: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         if value is None:
             continue
         if key in _AUGMENTATION_KEYS:
             recipe["augmentation"][key] = value
+        elif key == "widths":
+            expected = len(recipe["arch_args"]["widths"])
+            if len(value) != expected:
+                raise click.BadParameter(f"this network has {expected} stages, got {len(value)} widths",
+                                         param_hint="'--widths'")  # fmt: skip
+            recipe["arch_args"]["widths"] = value
         else:
             recipe[_HYPER_KEYS.get(key, key)] = value
     return recipe
@@ -269,7 +290,7 @@ def evaluate(run_dir, data_dir, split, tta, no_download):
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Draw this training-time budget on the plot.")
 def compare(run_dirs, plot, target, budget_minutes):
-    """Compare finished runs: recipe, epochs, batch, training time, val and test accuracy.
+    """Compare finished runs: recipe, size, epochs, batch, training time, val and test accuracy.
 
     \b
     Example:
@@ -280,7 +301,7 @@ def compare(run_dirs, plot, target, budget_minutes):
 
     runs = []
     table = Table(title="Runs (test accuracy: the run dir's serving model, fp32)")
-    for column in ("run dir", "recipe", "epochs", "batch", "train images", "train time", "val acc", "test acc"):
+    for column in ("run dir", "recipe", "params", "epochs", "batch", "train images", "train time", "val acc", "test acc"):
         table.add_column(column, justify="left" if column in ("run dir", "recipe") else "right", no_wrap=column != "run dir")
     for run_dir in run_dirs:
         try:
@@ -296,7 +317,7 @@ def compare(run_dirs, plot, target, budget_minutes):
         runs.append({"name": Path(run_dir).name, "minutes": seconds / 60, "test_accuracy": metrics["test_accuracy"],
                      "train_samples": config["train_samples"]})  # fmt: skip
         recipe = hyper.get("recipe") or f"{config['architecture']} ({hyper.get('optimizer', '?')})"  # runs before `recipe`
-        table.add_row(str(run_dir), recipe, str(config.get("epochs_completed", "")),
+        table.add_row(str(run_dir), recipe, f"{config['parameters']:,}", str(config.get("epochs_completed", "")),
                       str(hyper.get("batch_size", "")), f"{config['train_samples']:,}", f"{seconds / 60:.1f} min",
                       "-" if val is None else f"{val:.2%}", f"{metrics['test_accuracy']:.2%}")  # fmt: skip
     console.print(table)
