@@ -73,6 +73,18 @@ def _parse_seeds(_ctx, _param, value: str) -> list[int]:
     return seeds
 
 
+def _parse_widths(_ctx, _param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        widths = [int(part) for part in value.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise click.BadParameter(f"expected comma-separated positive integers like 64,256,256, got {value!r}")
+    return widths
+
+
 @main.command()
 @click.option("--dataset", required=True, type=click.Choice(DATASET_NAMES), help="Which data set to train on.")
 @click.option("--arch", "architecture", type=click.Choice(list(RECIPES)),
@@ -103,7 +115,7 @@ def _parse_seeds(_ctx, _param, value: str) -> list[int]:
 @click.option("--translate", type=int, help="Augmentation: random shift of up to N pixels (0 = off).")
 @click.option("--flip", type=click.Choice(["none", "random", "alternating"]), help="Augmentation: horizontal flips.")
 @click.option("--cutout", type=int, help="Augmentation: zero a random NxN square (0 = off).")
-@click.option("--widths", callback=lambda ctx, param, value: _parse_widths(value),
+@click.option("--widths", callback=_parse_widths,
               help="Channel widths of the network's conv stages, comma-separated (airbench: 64,256,256; "
                    "airbench95's wider net: 128,384,384). Same count as the recipe's.")  # fmt: skip
 @click.option("--lookahead/--no-lookahead", default=None, help="Lookahead slow weights (airbench).")
@@ -170,18 +182,6 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
 
 _AUGMENTATION_KEYS = ("translate", "flip", "cutout")
 _HYPER_KEYS = {"lookahead": "lookahead"}
-
-
-def _parse_widths(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        widths = [int(part) for part in value.split(",")]
-    except ValueError:
-        widths = []
-    if not widths or min(widths) < 1:
-        raise click.BadParameter(f"expected comma-separated positive integers such as 64,256,256, got {value!r}")
-    return widths
 
 
 def _apply_overrides(recipe: dict, overrides: dict) -> dict:
