@@ -7,9 +7,9 @@ Read top to bottom, a request meets these modules:
   repository.py  scan the repository, parse config.pbtxt, versions, load order
   runtime.py     onnxruntime sessions: providers (CPU/CUDA), optimizations, threads
   registry.py    the loaded models by name and version; loading them
-  servicer.py    the GRPCInferenceService RPCs
-  protocol.py    ModelInfer decoding/validation and response encoding (+ classification)
-  batcher.py     dynamic batching: queue, batch forming, compute in a worker thread
+  servicer.py    the GRPCInferenceService RPCs, run on grpcio's worker threads
+  request_codec.py  ModelInfer decoding/validation and response encoding (+ classification)
+  batcher.py     dynamic batching: queue, batch forming, one compute thread per model instance
   ensemble.py    ensemble steps, each member through its own batcher
   statistics.py  Triton ModelStatistics counters
   metrics.py     Prometheus metrics on the metrics port

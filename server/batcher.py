@@ -1,29 +1,31 @@
 """Dynamic batching: concurrent requests for one model version become one onnxruntime call.
 
-Requests wait in a bounded FIFO queue. When a model instance is free, the batcher
-takes requests from the front until the next one would push the batch past
-max_batch_size; if the queue holds fewer elements than that, it first waits until
-either enough arrive or the oldest request has waited max_queue_delay (Triton's
-rule). While an instance computes, new requests queue up, so under load batches
-form by themselves even with a delay of 0.
+The callers are gRPC worker threads (and the HTTP bridge). `submit` puts a request in a
+bounded FIFO queue and returns its `Ticket`; `result` blocks the caller until the ticket is
+answered. Each model instance (config.pbtxt instance_group count) is one thread that
+takes batches from the queue, runs onnxruntime (which releases the GIL) and answers the
+tickets of the batch: a request crosses one thread and back, with no event loop between.
+
+Batch forming follows Triton's rule: take requests from the front until the next one
+would push the batch past max_batch_size; if fewer elements than that are queued, first
+wait until enough arrive or the oldest request has waited max_queue_delay. While an
+instance computes, new requests queue up, so under load batches form by themselves even
+with a delay of 0.
 
 - Full queue: the new request is refused at once with RESOURCE_EXHAUSTED.
-- A request whose deadline has passed (or whose client went away) when its batch is
-  formed is dropped before compute; its caller gets DEADLINE_EXCEEDED.
-- Compute runs in a thread pool with one thread per model instance (config.pbtxt
-  instance_group count), so the gRPC event loop never blocks: the worker forms the
-  batch (one np.concatenate per input), runs onnxruntime (which releases the GIL) and
-  slices the outputs back into per-request views.
+- A request whose deadline passes while it is queued is dropped before compute; its
+  caller gets DEADLINE_EXCEEDED. A request whose call ends (client cancel) is withdrawn
+  from the queue at once (`withdraw`, through the call's `CallScope`).
+- A failed execution fails the requests of that batch with INTERNAL; the thread goes on.
 - Without dynamic batching every request is its own execution, through the same queue.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,12 +33,13 @@ import grpc
 import numpy as np
 
 from server.metrics import ModelMetrics
-from server.protocol import InferenceError
+from server.request_codec import InferenceError, Tensors
 from server.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
-Tensors = dict[str, np.ndarray]
+# Ticket states; every change happens under the batcher's lock.
+_QUEUED, _TAKEN, _DONE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -48,17 +51,58 @@ class BatchingPolicy:
     instances: int = 1  # executions that may run at the same time
 
 
-@dataclass(slots=True, eq=False)  # identity equality: deque.remove must find this very request
-class _Request:
-    inputs: Tensors
-    batch_size: int
-    deadline: float | None  # time.monotonic() seconds
-    arrival_ns: int  # time.monotonic_ns()
-    future: asyncio.Future
+class Ticket:
+    """One request in a batcher: its inputs, then its outputs or its error."""
+
+    __slots__ = ("inputs", "batch_size", "deadline", "arrival_ns", "outputs", "error", "state", "_answered",
+                 "on_answer")  # fmt: skip
+
+    def __init__(self, inputs: Tensors, batch_size: int, deadline: float | None):
+        self.inputs = inputs
+        self.batch_size = batch_size
+        self.deadline = deadline  # time.monotonic() seconds, or None
+        self.arrival_ns = time.monotonic_ns()
+        self.outputs: Tensors | None = None
+        self.error: InferenceError | None = None
+        self.state = _QUEUED
+        # A plain lock, held until the ticket is answered: the cheapest one-shot signal
+        # between threads that Python has.
+        self._answered = threading.Lock()
+        self._answered.acquire()
+        self.on_answer: Callable[[Ticket], None] | None = None  # for callers on an event loop
+
+    def answer(self, outputs: Tensors | None, error: InferenceError | None = None) -> None:
+        self.outputs, self.error, self.state = outputs, error, _DONE
+        self._answered.release()
+        if self.on_answer is not None:
+            self.on_answer(self)
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once answered; False when `timeout` seconds passed first."""
+        return self._answered.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
+
+
+class CallScope:
+    """The tickets one client call holds, so that ending the call withdraws them all.
+    gRPC runs `cancel` when the call ends for any reason; answered tickets ignore it."""
+
+    __slots__ = ("_tickets", "cancelled")
+
+    def __init__(self) -> None:
+        self._tickets: list[tuple[DynamicBatcher, Ticket]] = []
+        self.cancelled = False
+
+    def hold(self, batcher: DynamicBatcher, ticket: Ticket) -> None:
+        self._tickets.append((batcher, ticket))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for batcher, ticket in self._tickets:
+            batcher.withdraw(ticket, InferenceError(grpc.StatusCode.CANCELLED, "the call ended before its answer"))
 
 
 class DynamicBatcher:
-    """The scheduler of one ONNX model version. `infer` is what the servicer awaits."""
+    """The scheduler of one ONNX model version."""
 
     def __init__(self, name: str, version: str, run: Callable[[Tensors], Tensors], policy: BatchingPolicy,
                  stats: ModelStats, metrics: ModelMetrics):  # fmt: skip
@@ -68,146 +112,162 @@ class DynamicBatcher:
         self._run = run
         self._stats = stats
         self._metrics = metrics
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._queue: collections.deque[Ticket] = collections.deque()
         self._queued_elements = 0
-        self._arrived = asyncio.Event()
-        self._free_instances = asyncio.Semaphore(policy.instances)
-        self._executing: set[asyncio.Task] = set()
-        self._executor = ThreadPoolExecutor(policy.instances, thread_name_prefix=f"{name}-v{version}")
-        self._loop_task: asyncio.Task | None = None
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._closed = False
+        self._threads: list[threading.Thread] = []
         self._gathers = policy.dynamic and policy.max_batch_size > 0
         self._batch_limit = policy.max_batch_size if self._gathers else 1
+        metrics.pending.set_function(lambda: len(self._queue))
 
     def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._schedule(), name=f"batcher {self.name} v{self.version}")
+        for instance in range(self.policy.instances):
+            thread = threading.Thread(target=self._serve, name=f"{self.name}-v{self.version}-{instance}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
-    async def infer(self, inputs: Tensors, batch_size: int, deadline: float | None) -> Tensors:
-        if len(self._queue) >= self.policy.max_queue_size:
-            self._stats.record_failure(0)
-            raise InferenceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"model {self.name!r} is overloaded: its queue holds {len(self._queue)} "
-                                 f"requests (max_queue_size {self.policy.max_queue_size}); retry later")
-        future = asyncio.get_running_loop().create_future()
-        request = _Request(inputs, batch_size, deadline, time.monotonic_ns(), future)
-        self._queue.append(request)
-        self._queued_elements += batch_size
-        self._metrics.pending.inc()
-        self._arrived.set()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            # The caller went away (client cancelled, or its deadline passed): free its
-            # place in the queue now rather than when its batch would have formed.
-            self._forget(request)
-            raise
+    # -- callers' side ---------------------------------------------------------------------
+    def submit(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None
+               ) -> Ticket:  # fmt: skip
+        ticket = Ticket(inputs, batch_size, deadline)
+        with self._lock:
+            if self._closed:
+                raise InferenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            if len(self._queue) >= self.policy.max_queue_size:
+                self._stats.record_failure(0)
+                raise InferenceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"model {self.name!r} is overloaded: its queue holds {len(self._queue)} "
+                                     f"requests (max_queue_size {self.policy.max_queue_size}); retry later")
+            self._queue.append(ticket)
+            self._queued_elements += batch_size
+            self._arrived.notify()
+        if scope is not None:
+            scope.hold(self, ticket)
+        return ticket
 
-    def _forget(self, request: _Request) -> None:
-        try:
-            self._queue.remove(request)
-        except ValueError:
-            return  # already taken into a batch
-        self._queued_elements -= request.batch_size
-        self._metrics.pending.dec()
-        self._stats.record_failure(time.monotonic_ns() - request.arrival_ns)
+    def result(self, ticket: Ticket) -> Tensors:
+        """Block until `ticket` is answered; at its deadline, withdraw it (if still queued)."""
+        timeout = None if ticket.deadline is None else ticket.deadline - time.monotonic()
+        if not ticket.wait(timeout):
+            self.withdraw(ticket, self._expired(ticket))
+            ticket.wait(None)  # answered now: by the withdrawal, or by its execution if that began first
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.outputs
 
-    async def _schedule(self) -> None:
+    def infer(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None
+              ) -> Tensors:  # fmt: skip
+        return self.result(self.submit(inputs, batch_size, deadline, scope))
+
+    def withdraw(self, ticket: Ticket, error: InferenceError) -> None:
+        """Take a ticket out of the queue and answer it with `error`; a ticket already
+        taken into a batch is left to its execution."""
+        with self._lock:
+            if ticket.state != _QUEUED:
+                return
+            self._queue.remove(ticket)
+            self._queued_elements -= ticket.batch_size
+            self._stats.record_failure(time.monotonic_ns() - ticket.arrival_ns)
+            ticket.state = _TAKEN
+        ticket.answer(None, error)
+
+    def _expired(self, ticket: Ticket) -> InferenceError:
+        waited_ms = (time.monotonic_ns() - ticket.arrival_ns) / 1e6
+        return InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"deadline passed after {waited_ms:.1f} ms in the queue of model {self.name!r}; "
+                              f"dropped before compute")
+
+    # -- the instance threads --------------------------------------------------------------
+    def _serve(self) -> None:
         while True:
-            if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            await self._free_instances.acquire()
-            if self._gathers and self.policy.max_queue_delay_s > 0:
-                await self._wait_for_fuller_batch()
-            batch = self._take_batch()
-            if not batch:
-                self._free_instances.release()
-                continue
-            task = asyncio.create_task(self._execute(batch))
-            self._executing.add(task)
-            task.add_done_callback(self._executing.discard)
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._execute(batch)
 
-    async def _wait_for_fuller_batch(self) -> None:
-        """Wait until max_batch_size elements are queued or the oldest request has
-        waited max_queue_delay, whichever comes first."""
-        while self._queue and self._queued_elements < self.policy.max_batch_size:
+    def _next_batch(self) -> list[Ticket] | None:
+        """The next batch to execute (None: closing). Waits for requests, and for a fuller
+        batch up to max_queue_delay after the oldest one arrived."""
+        with self._lock:
+            while True:
+                while not self._queue and not self._closed:
+                    self._arrived.wait()
+                if self._closed:
+                    return None
+                if self._gathers and self.policy.max_queue_delay_s > 0:
+                    self._wait_for_fuller_batch()
+                batch, expired = self._take_batch()
+                for ticket in expired:  # answered outside the loop below: it holds the lock
+                    self._stats.record_failure(time.monotonic_ns() - ticket.arrival_ns)
+                if expired:
+                    self._lock.release()
+                    try:
+                        for ticket in expired:
+                            ticket.answer(None, self._expired(ticket))
+                    finally:
+                        self._lock.acquire()
+                if batch:
+                    return batch
+
+    def _wait_for_fuller_batch(self) -> None:
+        while self._queue and self._queued_elements < self.policy.max_batch_size and not self._closed:
             waited = (time.monotonic_ns() - self._queue[0].arrival_ns) / 1e9
             remaining = self.policy.max_queue_delay_s - waited
             if remaining <= 0:
                 return
-            self._arrived.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._arrived.wait()
-            except TimeoutError:
-                return
+            self._arrived.wait(remaining)
 
-    def _dequeue(self) -> _Request:
-        request = self._queue.popleft()
-        self._queued_elements -= request.batch_size
-        self._metrics.pending.dec()
-        return request
-
-    def _take_batch(self) -> list[_Request]:
+    def _take_batch(self) -> tuple[list[Ticket], list[Ticket]]:
+        """(the batch, the expired tickets dropped on the way); called with the lock held."""
         now = time.monotonic()
-        batch: list[_Request] = []
+        batch: list[Ticket] = []
+        expired: list[Ticket] = []
         elements = 0
         while self._queue:
-            request = self._queue[0]
-            if request.future.done():  # cancelled; its caller removes it (see infer) on its next turn
-                self._dequeue()
-                self._stats.record_failure(time.monotonic_ns() - request.arrival_ns)
+            ticket = self._queue[0]
+            if ticket.deadline is not None and now >= ticket.deadline:
+                expired.append(self._queue.popleft())
+                self._queued_elements -= ticket.batch_size
+                ticket.state = _TAKEN
                 continue
-            if request.deadline is not None and now >= request.deadline:
-                self._dequeue()
-                self._stats.record_failure(time.monotonic_ns() - request.arrival_ns)
-                request.future.set_exception(InferenceError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"deadline passed after {(time.monotonic_ns() - request.arrival_ns) / 1e6:.1f} ms in the "
-                    f"queue of model {self.name!r}; dropped before compute"))
-                continue
-            if batch and elements + request.batch_size > self._batch_limit:
+            if batch and elements + ticket.batch_size > self._batch_limit:
                 break
-            batch.append(self._dequeue())
-            elements += request.batch_size
-        return batch
+            self._queue.popleft()
+            self._queued_elements -= ticket.batch_size
+            ticket.state = _TAKEN
+            batch.append(ticket)
+            elements += ticket.batch_size
+        return batch, expired
 
-    async def _execute(self, batch: list[_Request]) -> None:
+    def _execute(self, batch: list[Ticket]) -> None:
         started_ns = time.monotonic_ns()
-        for request in batch:
-            queued_ns = started_ns - request.arrival_ns
-            self._stats.queue.add(queued_ns)
-            self._metrics.queue_duration.observe(queued_ns / 1e9)
         try:
-            outputs, timings = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, batch)
+            outputs, timings = self._compute(batch)
         except Exception as error:  # a failed execution must fail its requests, never the server
             log.exception("model %s version %s: execution failed", self.name, self.version)
-            for request in batch:
-                self._stats.record_failure(time.monotonic_ns() - request.arrival_ns)
-                if not request.future.done():
-                    request.future.set_exception(InferenceError(
-                        grpc.StatusCode.INTERNAL, f"model {self.name!r} failed to execute: {error}"))
+            failure = InferenceError(grpc.StatusCode.INTERNAL, f"model {self.name!r} failed to execute: {error}")
+            finished_ns = time.monotonic_ns()
+            self._stats.record_failures([finished_ns - ticket.arrival_ns for ticket in batch])
+            for ticket in batch:
+                ticket.answer(None, failure)
             return
-        finally:
-            self._free_instances.release()
-        elements = sum(request.batch_size for request in batch)
-        self._stats.record_execution(elements, *timings, requests=len(batch))
-        self._metrics.executions.inc()
-        self._metrics.batch_size.observe(elements)
-        self._metrics.compute_duration.observe(sum(timings) / 1e9)
         finished_ns = time.monotonic_ns()
-        for request, request_outputs in zip(batch, outputs):
-            if not request.future.done():
-                request.future.set_result(request_outputs)
-                self._stats.record_success(finished_ns - request.arrival_ns)
+        for ticket, ticket_outputs in zip(batch, outputs):
+            ticket.answer(ticket_outputs)
+        queued_ns = [started_ns - ticket.arrival_ns for ticket in batch]
+        elements = sum(ticket.batch_size for ticket in batch)
+        self._stats.record_batch(elements, timings, queued_ns, [finished_ns - ticket.arrival_ns for ticket in batch])
+        self._metrics.record_batch(elements, sum(timings) / 1e9, queued_ns)
 
-    def _compute(self, batch: list[_Request]) -> tuple[list[Tensors], tuple[int, int, int]]:
-        """Runs in a worker thread: form the batch, run the model, split the results."""
+    def _compute(self, batch: list[Ticket]) -> tuple[list[Tensors], tuple[int, int, int]]:
+        """Form the batch, run the model, split the results."""
         start = time.monotonic_ns()
         if len(batch) == 1:
             inputs = batch[0].inputs
         else:
-            inputs = {name: np.concatenate([request.inputs[name] for request in batch]) for name in batch[0].inputs}
+            inputs = {name: np.concatenate([ticket.inputs[name] for ticket in batch]) for name in batch[0].inputs}
         formed = time.monotonic_ns()
         outputs = self._run(inputs)
         computed = time.monotonic_ns()
@@ -215,21 +275,24 @@ class DynamicBatcher:
             split = [outputs]
         else:
             split, offset = [], 0
-            for request in batch:
-                end = offset + request.batch_size
+            for ticket in batch:
+                end = offset + ticket.batch_size
                 split.append({name: array[offset:end] for name, array in outputs.items()})
                 offset = end
         done = time.monotonic_ns()
         return split, (formed - start, computed - formed, done - computed)
 
-    async def close(self) -> None:
-        """Stop scheduling; fail what is still queued; wait for executions under way."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-        while self._queue:
-            request = self._dequeue()
-            if not request.future.done():
-                request.future.set_exception(InferenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
-        await asyncio.gather(*self._executing, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+    def close(self) -> None:
+        """Stop the instance threads after the executions under way; fail what is still queued."""
+        with self._lock:
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._queued_elements = 0
+            for ticket in queued:
+                ticket.state = _TAKEN
+            self._arrived.notify_all()
+        for ticket in queued:
+            ticket.answer(None, InferenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
+        for thread in self._threads:
+            thread.join()

@@ -37,6 +37,7 @@ class ServerSettings:
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_threads: int = 0
     spinning: bool = False
+    global_thread_pool: bool = False
     max_message_size: int = 64 * 1024 * 1024
     log_level: str = "info"
     # Batching overrides; None keeps what each model's config.pbtxt says.
@@ -95,6 +96,9 @@ settings_options: list[Callable] = [
     _option("--spinning/--no-spinning", "spinning", default=False, show_default=True,
             help="Let onnxruntime's threads busy-wait for work: lower latency on a dedicated, idle "
                  "machine; on shared cores it steals CPU from everything else."),
+    _option("--global-thread-pool/--per-session-threads", "global_thread_pool", default=False, show_default=True,
+            help="One onnxruntime thread pool shared by every model (sized by --intra-op-threads) instead of "
+                 "one per model: the members of an ensemble share the cores rather than oversubscribe them."),
     _option("--max-message-size", type=click.IntRange(1024), default=64 * 1024 * 1024, show_default=True,
             help="Largest gRPC message, in bytes, sent or received."),
     _option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,

@@ -1,28 +1,31 @@
 """Ensemble models (platform "ensemble"): run the steps of ensemble_scheduling.
 
 Each step hands some ensemble tensors to another model and names its outputs as new
-ensemble tensors. Steps whose inputs are all available run together, so the members
-of an averaging ensemble run at the same time and the average runs after them. Each
-step goes through that model's own scheduler: concurrent ensemble requests are
+ensemble tensors. Steps whose inputs are all available run together (a wave): every
+step of a wave is submitted to its model's batcher before the first answer is awaited,
+so the members of an averaging ensemble run at the same time and the average runs after
+them. Each step goes through that model's own batcher: concurrent ensemble requests are
 batched per member, exactly as direct requests to the member would be.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Protocol
 
-import numpy as np
-
-from server.repository import EnsembleStep, ModelSpec
+from server.batcher import CallScope, DynamicBatcher
+from server.repository import ModelSpec
+from server.request_codec import Tensors
 from server.statistics import ModelStats
-
-Tensors = dict[str, np.ndarray]
 
 
 class Scheduler(Protocol):
-    async def infer(self, inputs: Tensors, batch_size: int, deadline: float | None) -> Tensors: ...
+    """What the servicer calls: a DynamicBatcher or an EnsembleScheduler."""
+
+    def infer(self, inputs: Tensors, batch_size: int, deadline: float | None,
+              scope: CallScope | None = None) -> Tensors: ...  # fmt: skip
+
+    def close(self) -> None: ...
 
 
 def _waves(spec: ModelSpec) -> list[list[int]]:
@@ -43,28 +46,27 @@ def _waves(spec: ModelSpec) -> list[list[int]]:
 
 
 class EnsembleScheduler:
-    def __init__(self, spec: ModelSpec, members: list[Scheduler], stats: ModelStats):
+    def __init__(self, spec: ModelSpec, members: list[DynamicBatcher], stats: ModelStats):
         self.spec = spec
-        self._members = members  # one scheduler per step, in step order
+        self._members = members  # the batcher of each step, in step order
         self._waves = _waves(spec)
         self._stats = stats
 
-    async def _run_step(self, step: EnsembleStep, member: Scheduler, tensors: Tensors, batch_size: int,
-                        deadline: float | None) -> Tensors:  # fmt: skip
-        inputs = {member_input: tensors[source] for member_input, source in step.input_map.items()}
-        outputs = await member.infer(inputs, batch_size, deadline)
-        return {target: outputs[member_output] for member_output, target in step.output_map.items()}
-
-    async def infer(self, inputs: Tensors, batch_size: int, deadline: float | None) -> Tensors:
+    def infer(self, inputs: Tensors, batch_size: int, deadline: float | None,
+              scope: CallScope | None = None) -> Tensors:  # fmt: skip
         start = time.monotonic_ns()
         tensors = dict(inputs)
         try:
             for wave in self._waves:
-                results = await asyncio.gather(*(
-                    self._run_step(self.spec.steps[i], self._members[i], tensors, batch_size, deadline) for i in wave
-                ))
-                for produced in results:
-                    tensors.update(produced)
+                tickets = []
+                for index in wave:
+                    step_inputs = {member_input: tensors[source]
+                                   for member_input, source in self.spec.steps[index].input_map.items()}
+                    tickets.append(self._members[index].submit(step_inputs, batch_size, deadline, scope))
+                for index, ticket in zip(wave, tickets):
+                    outputs = self._members[index].result(ticket)
+                    tensors.update({target: outputs[member_output]
+                                    for member_output, target in self.spec.steps[index].output_map.items()})
         except Exception:
             self._stats.record_failure(time.monotonic_ns() - start)
             raise
@@ -72,7 +74,8 @@ class EnsembleScheduler:
         # One "execution" per ensemble request; its compute time is the whole pipeline and
         # its own queue time is nil (the waiting happens in the members' queues). The queue
         # count matters: perf_analyzer finds the version it measured by that count rising.
-        self._stats.queue.add(0)
-        self._stats.record_execution(batch_size, 0, elapsed, 0, requests=1)
-        self._stats.record_success(elapsed)
+        self._stats.record_batch(batch_size, (0, elapsed, 0), [0], [elapsed])
         return {tensor.name: tensors[tensor.name] for tensor in self.spec.outputs}
+
+    def close(self) -> None:
+        """Nothing of its own to stop: its members' batchers are closed as models."""

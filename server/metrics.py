@@ -12,7 +12,7 @@ histograms) and carry `model` and `version` labels:
   ensemble_server_compute_duration_seconds           one execution (batch forming + onnxruntime + split)
   ensemble_server_batch_size                         elements per execution
   ensemble_server_executions_total                   executions (compare with requests: batching)
-  ensemble_server_pending_requests                   queued, not yet executing
+  ensemble_server_pending_requests                   queued, not yet executing (read at scrape time)
   ensemble_server_model_load_duration_seconds        session creation + warm-up
   ensemble_server_model_execution_provider_info      1, with provider= the provider actually used,
                                                      requested= the first one asked for
@@ -57,6 +57,14 @@ class ModelMetrics:
         self._load_duration = metrics.load_duration.labels(**labels)
         self._provider = metrics.provider
         self._labels = labels
+
+    def record_batch(self, elements: int, compute_s: float, queued_ns: list[int]) -> None:
+        """One execution of `elements` batch elements from len(queued_ns) requests."""
+        self.executions.inc()
+        self.batch_size.observe(elements)
+        self.compute_duration.observe(compute_s)
+        for ns in queued_ns:
+            self.queue_duration.observe(ns / 1e9)
 
     def record_load(self, seconds: float, provider: str, requested: str) -> None:
         self._load_duration.set(seconds)

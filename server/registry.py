@@ -20,9 +20,9 @@ from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import model_config_pb2
 from server.batcher import BatchingPolicy, DynamicBatcher
 from server.config import DEFAULT_MAX_QUEUE_SIZE, ServerSettings
-from server.ensemble import EnsembleScheduler
+from server.ensemble import EnsembleScheduler, Scheduler
 from server.metrics import ModelMetrics, ServerMetrics
-from server.protocol import InferenceError
+from server.request_codec import InferenceError
 from server.repository import ModelSpec, RepositoryError
 from server.runtime import CUDA, DeviceError, OnnxModel, SessionSettings
 from server.statistics import ModelStats
@@ -36,15 +36,14 @@ EXECUTION_PROVIDER_PARAMETER = "execution_provider"
 class LoadedModel:
     spec: ModelSpec
     version: str
-    scheduler: DynamicBatcher | EnsembleScheduler
+    scheduler: Scheduler
     stats: ModelStats
     metrics: ModelMetrics
     provider: str  # the execution provider it runs on (an ensemble: its members')
     config: model_config_pb2.ModelConfig  # as served by ModelConfig: the effective settings
 
-    async def close(self) -> None:
-        if isinstance(self.scheduler, DynamicBatcher):
-            await self.scheduler.close()
+    def close(self) -> None:
+        self.scheduler.close()
 
 
 class ModelRegistry:
@@ -97,10 +96,9 @@ class ModelRegistry:
                                                              shape=t.shape(spec.batching)) for t in spec.outputs],
         )
 
-    async def close(self) -> None:
+    def close(self) -> None:
         for model in self:
-            if isinstance(model.scheduler, DynamicBatcher):
-                await model.scheduler.close()
+            model.close()
 
 
 def batching_policy(spec: ModelSpec, settings: ServerSettings) -> BatchingPolicy:
@@ -163,7 +161,7 @@ async def load_models(specs: list[ModelSpec], settings: ServerSettings, metrics:
     `failed`; the others load. A DeviceError always raises: it concerns every model."""
     registry = ModelRegistry()
     session_settings = SessionSettings(settings.device, settings.intra_op_threads, settings.inter_op_threads,
-                                       settings.spinning)
+                                       settings.spinning, settings.global_thread_pool)
     loop = asyncio.get_running_loop()
     for spec in specs:
         broken = [step.model_name for step in spec.steps if failed and step.model_name in failed]
@@ -202,7 +200,7 @@ async def load_models(specs: list[ModelSpec], settings: ServerSettings, metrics:
             reason = str(error) if isinstance(error, RepositoryError) else (
                 f"model {spec.name!r}: cannot load: {type(error).__name__}: {error}")
             for model in registry.remove(spec.name):  # versions loaded before the one that failed
-                await model.close()
+                model.close()
             if failed is None:
                 raise RepositoryError(reason) from None
             failed[spec.name] = reason

@@ -47,6 +47,24 @@ class SessionSettings:
     # are shared (several models, the gRPC loop, other processes) that burns the CPU the
     # others need; measured here it made a CPU-bound model slower, so it is off by default.
     spinning: bool = False
+    # One intra-op thread pool for every session of the process instead of one per session:
+    # the members of an ensemble then share the cores instead of oversubscribing them.
+    global_thread_pool: bool = False
+
+
+_global_pool_sizes: tuple[int, int] | None = None
+
+
+def _use_global_thread_pool(settings: SessionSettings) -> None:
+    """Create onnxruntime's process-wide thread pools (once, before the first session)."""
+    global _global_pool_sizes
+    sizes = (settings.intra_op_threads, settings.inter_op_threads)
+    if _global_pool_sizes is None:
+        ort.capi._pybind_state.set_global_thread_pool_sizes(*sizes)
+        _global_pool_sizes = sizes
+    elif _global_pool_sizes != sizes:
+        raise DeviceError(f"onnxruntime's global thread pool exists with sizes {_global_pool_sizes}; "
+                          f"cannot make it {sizes} in the same process")
 
 
 def cuda_available() -> bool:
@@ -75,8 +93,12 @@ def _session_options(settings: SessionSettings) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = settings.intra_op_threads
-    options.inter_op_num_threads = settings.inter_op_threads
+    if settings.global_thread_pool:
+        _use_global_thread_pool(settings)
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = settings.inter_op_threads
     spinning = "1" if settings.spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     options.add_session_config_entry("session.inter_op.allow_spinning", spinning)

@@ -7,11 +7,13 @@
   compute_infer (onnxruntime), compute_output (splitting the results);
 - batch_stats: per batch size formed, how many executions and their compute times.
 
-All updates happen on the event loop thread, so no locks are needed.
+Updates come from the gRPC worker threads and the batchers' instance threads, so every
+update takes the stats' lock; a batch is recorded in one go, under one acquisition.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -52,29 +54,45 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)
-
-    def record_success(self, duration_ns: int) -> None:
-        self.success.add(duration_ns)
-        self.last_inference_ms = time.time_ns() // 1_000_000
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record_failure(self, duration_ns: int) -> None:
-        self.fail.add(duration_ns)
+        with self._lock:
+            self.fail.add(duration_ns)
 
-    def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int, requests: int) -> None:
-        """One model execution over `batch_size` elements gathered from `requests` requests.
+    def record_failures(self, durations_ns: list[int]) -> None:
+        with self._lock:
+            self.fail.add(sum(durations_ns), len(durations_ns))
+
+    def record_batch(self, batch_size: int, timings_ns: tuple[int, int, int], queued_ns: list[int],
+                     durations_ns: list[int]) -> None:  # fmt: skip
+        """One model execution over `batch_size` elements gathered from len(queued_ns) requests,
+        each of which waited queued_ns and took durations_ns from arrival to its answer.
         Triton counts compute times once per request in inference_stats, once per
         execution in batch_stats."""
-        self.execution_count += 1
-        self.inference_count += batch_size
-        self.compute_input.add(input_ns * requests, requests)
-        self.compute_infer.add(infer_ns * requests, requests)
-        self.compute_output.add(output_ns * requests, requests)
-        batch = self.batches.setdefault(batch_size, BatchStats())
-        batch.compute_input.add(input_ns)
-        batch.compute_infer.add(infer_ns)
-        batch.compute_output.add(output_ns)
+        requests = len(queued_ns)
+        input_ns, infer_ns, output_ns = timings_ns
+        with self._lock:
+            self.execution_count += 1
+            self.inference_count += batch_size
+            self.queue.add(sum(queued_ns), requests)
+            self.compute_input.add(input_ns * requests, requests)
+            self.compute_infer.add(infer_ns * requests, requests)
+            self.compute_output.add(output_ns * requests, requests)
+            self.success.add(sum(durations_ns), requests)
+            self.last_inference_ms = time.time_ns() // 1_000_000
+            batch = self.batches.get(batch_size)
+            if batch is None:
+                batch = self.batches[batch_size] = BatchStats()
+            batch.compute_input.add(input_ns)
+            batch.compute_infer.add(infer_ns)
+            batch.compute_output.add(output_ns)
 
     def to_proto(self) -> pb.ModelStatistics:
+        with self._lock:
+            return self._to_proto()
+
+    def _to_proto(self) -> pb.ModelStatistics:
         return pb.ModelStatistics(
             name=self.name,
             version=self.version,

@@ -1,0 +1,161 @@
+"""Our server against NVIDIA Triton on the same machine, the same repository, the same load.
+
+    python benchmarks/vs_triton.py --model-repository model_repository \\
+        --model mnist-m0 --model mnist --model cifar10-m0 --model cifar10 \\
+        --concurrency 1,4,16,64 --json vs_triton.json --plot vs_triton.png
+
+Triton (../shared/tools/triton/serve, or --triton PATH) serves the repository first, then
+ours; never both at once, so that each has the machine to itself. For every model and
+concurrency perf_analyzer (gRPC, one random image per request) gives throughput, p50 and
+p99; the server's CPU seconds per request come from /proc (its whole process tree) over
+the same run, with the request count from its ModelStatistics. Then it prints each ratio
+ours / Triton, a table, and writes the JSON and the plot (req/s against concurrency).
+
+Run it on a quiet machine: nothing else (training, tests, another benchmark) beside it.
+Run on purpose, never in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from perf_common import DEFAULT_PERF_ANALYZER, ROOT, ServerProcess, our_server_command, run_perf_analyzer
+
+DEFAULT_TRITON = ROOT.parent / "shared" / "tools" / "triton" / "serve"
+SERVERS = ("triton", "ours")
+
+
+@dataclass
+class Point:
+    server: str
+    model: str
+    concurrency: int
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_request: float
+    stable: bool
+
+
+def server_command(name: str, args) -> list[str]:
+    if name == "triton":
+        return [str(args.triton), str(args.model_repository), "{grpc}", "{http}", "{metrics}"]
+    return our_server_command(args.model_repository, args.server_flag)
+
+
+def measure_server(name: str, args, workdir: Path) -> list[Point]:
+    cwd = args.ours_root if name == "ours" else ROOT
+    server = ServerProcess(server_command(name, args), workdir / f"{name}.log", cwd=cwd)
+    points = []
+    try:
+        for model in args.model:
+            for concurrency in args.concurrency:
+                before = server.snapshot()
+                perf = run_perf_analyzer(args.perf_analyzer, server.address, model, concurrency, workdir,
+                                         measurement_ms=args.measurement_ms, stability=args.stability)
+                after = server.snapshot()
+                requests = after.inferences.get(model, 0) - before.inferences.get(model, 0)
+                cpu_ms = 1000 * (after.cpu_s - before.cpu_s) / max(requests, 1)
+                point = Point(name, model, concurrency, perf.throughput, perf.p50_ms, perf.p99_ms, cpu_ms, perf.stable)
+                points.append(point)
+                print(f"  {name:<6} {model:<14} c={concurrency:<3} {perf.throughput:9.1f} req/s  "
+                      f"p50 {perf.p50_ms:6.2f} ms  p99 {perf.p99_ms:6.2f} ms  CPU {cpu_ms:5.2f} ms/req"
+                      + ("" if perf.stable else "  (unstable)"), flush=True)
+    finally:
+        server.stop()
+    return points
+
+
+def ratios(points: list[Point]) -> list[dict]:
+    by_key = {(p.server, p.model, p.concurrency): p for p in points}
+    rows = []
+    for (server, model, concurrency), ours in by_key.items():
+        triton = by_key.get(("triton", model, concurrency))
+        if server != "ours" or triton is None:
+            continue
+        rows.append({
+            "model": model, "concurrency": concurrency,
+            "triton_rps": triton.throughput, "ours_rps": ours.throughput, "ratio": ours.throughput / triton.throughput,
+            "triton_p50_ms": triton.p50_ms, "ours_p50_ms": ours.p50_ms,
+            "triton_p99_ms": triton.p99_ms, "ours_p99_ms": ours.p99_ms,
+            "triton_cpu_ms": triton.cpu_ms_per_request, "ours_cpu_ms": ours.cpu_ms_per_request,
+        })  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"| {'model':<14} | {'c':>3} | {'Triton req/s':>12} | {'ours req/s':>10} | {'ours/Triton':>11} | "
+              f"{'p50 T / ours ms':>15} | {'p99 T / ours ms':>15} | {'CPU ms/req T / ours':>19} |")
+    print("\n" + header)
+    print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+    for row in rows:
+        print(f"| {row['model']:<14} | {row['concurrency']:>3} | {row['triton_rps']:>12,.0f} | {row['ours_rps']:>10,.0f} "
+              f"| {row['ratio']:>11.2f} | {row['triton_p50_ms']:>6.2f} / {row['ours_p50_ms']:<6.2f} "
+              f"| {row['triton_p99_ms']:>6.2f} / {row['ours_p99_ms']:<6.2f} "
+              f"| {row['triton_cpu_ms']:>8.2f} / {row['ours_cpu_ms']:<8.2f} |")
+
+
+def plot(points: list[Point], models: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.6), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        for server, style in zip(SERVERS, ("o--", "s-")):
+            mine = sorted((p for p in points if p.model == model and p.server == server), key=lambda p: p.concurrency)
+            axis.plot([p.concurrency for p in mine], [p.throughput for p in mine], style,
+                      label="NVIDIA Triton 2.51" if server == "triton" else "ensemble-serving")
+        axis.set_xscale("log", base=2)
+        axis.set_title(model)
+        axis.set_xlabel("concurrency (perf_analyzer)")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("requests / s (1 image each)")
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--model", action="append", required=True, help="model to measure (repeatable)")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
+    parser.add_argument("--triton", type=Path, default=DEFAULT_TRITON, help="Triton's serve script")
+    parser.add_argument("--servers", default="triton,ours", help="which servers to measure, in order")
+    parser.add_argument("--server-flag", action="append", default=[], help="extra flag for our server (repeatable)")
+    parser.add_argument("--ours-root", type=Path, default=ROOT,
+                        help="checkout whose server to run (e.g. a worktree of an older commit, for a before/after)")
+    parser.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
+    parser.add_argument("--stability", type=int, default=20, help="perf_analyzer stability percentage")
+    parser.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PERF_ANALYZER)
+    parser.add_argument("--json", type=Path, help="write the points and ratios here")
+    parser.add_argument("--plot", type=Path, help="write req/s against concurrency here (PNG)")
+    args = parser.parse_args()
+    args.model_repository = args.model_repository.resolve()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    servers = args.servers.split(",")
+    if "triton" in servers and not args.triton.exists():
+        raise SystemExit(f"no Triton serve script at {args.triton}; pass --triton PATH")
+
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory(prefix="vs-triton-") as tmp:
+        for name in servers:
+            print(f"{name}: serving {args.model_repository}", flush=True)
+            points += measure_server(name, args, Path(tmp))
+    rows = ratios(points)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"points": [asdict(p) for p in points], "ratios": rows}, indent=2))
+    if args.plot:
+        plot(points, args.model, args.plot)
+
+
+if __name__ == "__main__":
+    main()
