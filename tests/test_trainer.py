@@ -29,9 +29,10 @@ from click.testing import CliRunner
 
 from ensemble_serving.datasets import load_dataset
 from trainer import data as tdata
-from trainer.checkpoint import load_serving_model, serving_model_from
+from trainer.checkpoint import RunDirError, load_serving_model, read_config
 from trainer.cli import main
 from trainer.recipes import get_recipe
+from trainer.serving import serving_model_from
 from trainer.train import Environment, Lookahead, RunSpec, lr_factor, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,7 +308,7 @@ def test_missing_data_from_the_real_command_has_no_traceback(tmp_path):
 @pytest.mark.parametrize(("architecture", "channels", "size"),
                          [("lenet", 1, 28), ("mnist_cnn", 1, 28), ("cifar_cnn", 3, 32), ("airbench", 3, 32)])  # fmt: skip
 def test_every_architecture_serves_uint8_nhwc_as_probabilities(architecture, channels, size):
-    from trainer.checkpoint import ServingModel
+    from trainer.serving import ServingModel
     from trainer.models import build_model
 
     network = build_model(architecture, channels, 10, size, **get_recipe(architecture)["arch_args"])
@@ -316,6 +317,19 @@ def test_every_architecture_serves_uint8_nhwc_as_probabilities(architecture, cha
         probs = model(torch.randint(0, 256, (3, size, size, channels), dtype=torch.uint8))
     assert probs.shape == (3, 10) and probs.dtype == torch.float32
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
+
+
+def test_a_config_without_serving_tta_is_refused_not_served_without_it(tmp_path):
+    """Drafts before format_version 1 wrote serving {"hflip_tta": true}; no shim reads that any more,
+    so such a run dir must fail loudly rather than serve without its test-time augmentation."""
+    config = {"format_version": 1, "architecture": "lenet", "dataset": "mnist", "class_names": list("0123456789"),
+              "input": {"height": 28, "width": 28, "channels": 1}, "normalization": {"mean": [0.1], "std": [0.3]},
+              "serving": {"hflip_tta": True}}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunDirError, match=r"serving\.tta is None, expected one of none, hflip, hflip_translate"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "serving": {"tta": "hflip"}}))
+    assert read_config(tmp_path)["serving"] == {"tta": "hflip"}
 
 
 def test_lr_schedules_warm_up_then_decay():

@@ -245,7 +245,8 @@ def evaluate(run_dir, data_dir, split, tta, no_download):
     import torch
 
     from ensemble_serving.metrics import confusion_matrix, per_class_metrics
-    from trainer.checkpoint import load_serving_model, serving_model_from
+    from trainer.checkpoint import load_serving_model
+    from trainer.serving import serving_model_from
     from trainer.data import split_train_validation
     from trainer.train import TrainerError, load_datasets, predict
 

@@ -15,6 +15,15 @@ from __future__ import annotations
 
 import copy
 
+# The values a recipe entry (and its command-line option) may take. train.py validates
+# against these and cli.py offers them as choices; this module needs no torch, so
+# `trainer --help` stays fast.
+OPTIMIZERS = ("sgd", "muon", "adam", "adamw")
+SCHEDULES = ("onecycle", "cosine", "step", "constant")
+FLIPS = ("none", "random", "alternating")
+TTA_MODES = ("none", "hflip", "hflip_translate")  # test-time augmentation inside the served graph
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast, chosen per run rather than per recipe
+
 RECIPES: dict[str, dict] = {
     # LeNet-style on MNIST: a few epochs of SGD reach >= 99.3% in well under two minutes.
     "lenet": {

@@ -37,6 +37,7 @@ from trainer.data import (
 )
 from trainer.models import build_model, count_parameters
 from trainer.muon import MuonWithSGD
+from trainer.serving import TTA_MODES, serving_model_from
 
 OPTIMIZERS = ("sgd", "muon", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
@@ -190,7 +191,7 @@ def validate(spec: RunSpec, n_images: int, image_size: int, world_size: int) -> 
     need(aug["flip"] in ("none", "random", "alternating"),
          f"--flip must be none, random or alternating, got {aug['flip']!r}")  # fmt: skip
     need(spec.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
-    need(h["tta"] in checkpoint.TTA_MODES, f"--tta must be one of {', '.join(checkpoint.TTA_MODES)}, got {h['tta']!r}")
+    need(h["tta"] in TTA_MODES, f"--tta must be one of {', '.join(TTA_MODES)}, got {h['tta']!r}")
     need(h["eval_batch_size"] >= 1, f"eval_batch_size must be >= 1, got {h['eval_batch_size']}")
 
 
@@ -371,7 +372,7 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
                 f"{run_dir} holds a {saved.get('architecture')} run on {saved.get('dataset')}, not "
                 f"{spec.architecture} on {spec.dataset}; resume it with the same --dataset/--arch or pick another --name"
             )
-        spec.hyper = _upgrade(saved["hyperparameters"])  # continue exactly the run that was interrupted
+        spec.hyper = saved["hyperparameters"]  # continue exactly the run that was interrupted
 
     h = spec.hyper
     height, width, channels = train.images.shape[1:]
@@ -414,7 +415,7 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(network, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=h["label_smoothing"])
-    live_serving = checkpoint.serving_model_from(network, config)  # shares the network's weights
+    live_serving = serving_model_from(network, config)  # shares the network's weights
 
     def save_state() -> None:
         if env.is_main:
@@ -572,13 +573,6 @@ def _base_config(spec: RunSpec, data: PreparedData, shape: tuple[int, int, int],
                      "python": platform.python_version(), "numpy": np.__version__},  # fmt: skip
         "command": spec.command,
     }
-
-
-def _upgrade(hyper: dict) -> dict:
-    """Hyperparameters saved by an older trainer: "tta_hflip": bool became "tta": mode."""
-    if "tta" not in hyper:
-        hyper["tta"] = "hflip" if hyper.pop("tta_hflip", False) else "none"
-    return hyper
 
 
 def _package_version(name: str) -> str | None:
