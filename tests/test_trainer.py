@@ -31,9 +31,11 @@ from ensemble_serving.datasets import load_dataset
 from trainer import data as tdata
 from trainer.checkpoint import RunDirError, load_serving_model, read_config
 from trainer.cli import main
+from trainer.environment import Environment
+from trainer.optim import Lookahead, lr_factor
 from trainer.recipes import get_recipe
 from trainer.serving import serving_model_from
-from trainer.train import Environment, Lookahead, RunSpec, lr_factor, train_run
+from trainer.train import RunSpec, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data"

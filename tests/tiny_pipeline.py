@@ -47,7 +47,8 @@ def train_tiny_run(run_dir: Path, data_dir: Path, seed: int) -> Path:
 
     from ensemble_serving.datasets import load_dataset
     from trainer.recipes import get_recipe
-    from trainer.train import Environment, RunSpec, train_run
+    from trainer.environment import Environment
+    from trainer.train import RunSpec, train_run
 
     recipe = get_recipe("lenet")
     recipe.update(epochs=1, batch_size=32, arch_args=TINY_LENET, eval_batch_size=256, warmup=0.0)
