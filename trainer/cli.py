@@ -157,9 +157,10 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
     """
     import torch
 
+    from trainer.data import load_datasets
     from trainer.environment import setup_environment
     from trainer.errors import TrainerError
-    from trainer.train import RunSpec, load_datasets, train_run
+    from trainer.train import RunSpec, train_run
 
     recipe = architecture or DEFAULT_ARCHITECTURE[dataset]
     if recipe not in ARCHITECTURES_FOR[dataset] and os.environ.get("RANK", "0") == "0":
@@ -261,7 +262,8 @@ def evaluate(run_dir, data_dir, split, tta, no_download):
     from trainer.serving import serving_model_from
     from trainer.data import split_train_validation
     from trainer.errors import TrainerError
-    from trainer.train import load_datasets, predict
+    from trainer.data import load_datasets
+    from trainer.train import predict
 
     model, config = load_serving_model(run_dir)
     if tta is not None:

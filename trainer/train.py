@@ -1,11 +1,12 @@
 """One training run: data -> network -> epochs -> run dir -> final test figure.
 
-Read top to bottom: RunSpec (what to train), validate (refuse what cannot train), the
-data, TrainingState (where the run is, what --resume restores), train_run (start or
+Read top to bottom: RunSpec (what to train), predict (a serving model's probabilities),
+TrainingState (where the run is, what --resume restores), train_run (start or
 resume, the epochs, Ctrl-C), train_epoch (one pass over the data), and finish_run, which
 writes the run dir and then measures test accuracy with the run dir's own ServingModel
 in fp32 on uint8 images, the exact module the exporter turns into ONNX.
-Beside it: environment.py (device, DDP, precision), optim.py (optimizer, schedule,
+Beside it: recipes.py (hyperparameters and their check), data.py (the images, split and
+augmented), environment.py (device, DDP, precision), optim.py (optimizer, schedule,
 Lookahead), report.py (the training record and the progress display).
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import math
 import os
 import platform
 import sys
@@ -28,26 +28,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ensemble_serving.datasets import Dataset, DatasetError, load_dataset
+from ensemble_serving.datasets import Dataset
 from ensemble_serving.metrics import expected_calibration_error, top_k_accuracy
 from trainer import checkpoint, report
-from trainer.data import (
-    NORMALIZATION,
-    Augmentation,
-    InMemoryLoader,
-    Normalizer,
-    split_train_validation,
-    to_nchw_tensor,
-)
+from trainer.data import NORMALIZATION, Augmentation, InMemoryLoader, Normalizer, PreparedData, prepare_data
 from trainer.environment import Environment, apply_determinism, autocast_for
 from trainer.errors import TrainerError, TrainingInterrupted
 from trainer.models import build_model, count_parameters
 from trainer.optim import Lookahead, lr_factor, make_optimizer, set_lr
-from trainer.recipes import FLIPS, OPTIMIZERS, PRECISIONS, SCHEDULES, TTA_MODES
+from trainer.recipes import validate
 from trainer.serving import serving_model_from
-
-__all__ = ["Environment", "RunSpec", "TrainerError", "TrainingInterrupted", "load_datasets", "predict", "train_run"]
-
 
 @dataclass
 class RunSpec:
@@ -65,80 +55,7 @@ class RunSpec:
     command: str = field(default_factory=lambda: " ".join(sys.argv))
 
 
-# --------------------------------------------------------------------------- hyperparameters
-
-
-def validate(spec: RunSpec, n_images: int, image_size: int, world_size: int) -> None:
-    """Refuse settings that cannot train, with the one line that says why."""
-    h = spec.hyper
-
-    def need(condition: bool, message: str) -> None:
-        if not condition:
-            raise TrainerError(message)
-
-    need(0 <= spec.val_fraction < 1, f"--val-fraction must be in [0, 1), got {spec.val_fraction}")
-    n_train = n_images - int(round(n_images * spec.val_fraction))
-    need(isinstance(h["epochs"], int) and h["epochs"] >= 1, f"--epochs must be a whole number >= 1, got {h['epochs']}")
-    need(h["batch_size"] >= 1, f"--batch-size must be >= 1, got {h['batch_size']}")
-    need(h["batch_size"] % world_size == 0,
-         f"--batch-size {h['batch_size']} must divide evenly over the {world_size} processes")  # fmt: skip
-    need(h["batch_size"] <= n_train,
-         f"--batch-size {h['batch_size']} is larger than the {n_train} training images")  # fmt: skip
-    need(math.isfinite(h["lr"]) and h["lr"] > 0, f"--lr must be a positive number, got {h['lr']}")
-    need(h["optimizer"] in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {h['optimizer']!r}")
-    need(h["schedule"] in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {h['schedule']!r}")
-    need(0 <= h["momentum"] < 1, f"--momentum must be in [0, 1), got {h['momentum']}")
-    need(not (h["nesterov"] and h["optimizer"] == "sgd" and h["momentum"] == 0),
-         "Nesterov SGD needs --momentum > 0 (or pass --no-nesterov)")  # fmt: skip
-    need(h["muon_lr"] > 0 and 0 <= h["muon_momentum"] < 1,
-         f"muon_lr must be > 0 and muon_momentum in [0, 1), got {h['muon_lr']} and {h['muon_momentum']}")  # fmt: skip
-    need(isinstance(h["whiten_bias_epochs"], int) and h["whiten_bias_epochs"] >= 0,
-         f"whiten_bias_epochs must be a whole number >= 0, got {h['whiten_bias_epochs']}")  # fmt: skip
-    need(h["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {h['weight_decay']}")
-    need(0 <= h["label_smoothing"] < 1, f"--label-smoothing must be in [0, 1), got {h['label_smoothing']}")
-    need(0 <= h["warmup"] <= 1, f"--warmup is a fraction of training in [0, 1], got {h['warmup']}")
-    need(0 < h["step_gamma"] <= 1, f"step_gamma must be in (0, 1], got {h['step_gamma']}")
-    aug = h["augmentation"]
-    need(0 <= aug["translate"] < image_size, f"--translate must be in [0, {image_size}), got {aug['translate']}")
-    need(0 <= aug["cutout"] <= image_size, f"--cutout must be in [0, {image_size}], got {aug['cutout']}")
-    need(aug["flip"] in FLIPS, f"--flip must be one of {', '.join(FLIPS)}, got {aug['flip']!r}")
-    need(spec.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
-    need(h["tta"] in TTA_MODES, f"--tta must be one of {', '.join(TTA_MODES)}, got {h['tta']!r}")
-    need(h["eval_batch_size"] >= 1, f"eval_batch_size must be >= 1, got {h['eval_batch_size']}")
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class PreparedData:
-    class_names: list[str]
-    train_images: torch.Tensor  # uint8 NCHW, on the device
-    train_labels: torch.Tensor
-    val_images_nhwc: np.ndarray  # uint8 NHWC (what the serving model takes)
-    val_labels: np.ndarray
-    test: Dataset
-
-
-def load_datasets(dataset: str, data_dir, download: bool) -> tuple[Dataset, Dataset]:
-    try:
-        return load_dataset(dataset, "train", data_dir, download), load_dataset(dataset, "test", data_dir, download)
-    except DatasetError as error:
-        raise TrainerError(str(error)) from None
-
-
-def prepare_data(train: Dataset, test: Dataset, spec: RunSpec, device: torch.device) -> PreparedData:
-    train_idx, val_idx = split_train_validation(train.labels, spec.val_fraction, spec.split_seed)
-    if spec.val_fraction > 0 and len(val_idx) == 0:
-        raise TrainerError(f"--val-fraction {spec.val_fraction} leaves no validation images out of {len(train)}")
-    return PreparedData(
-        class_names=train.class_names,
-        train_images=to_nchw_tensor(train.images[train_idx]).to(device),
-        train_labels=torch.from_numpy(train.labels[train_idx]).to(device),
-        val_images_nhwc=train.images[val_idx],
-        val_labels=train.labels[val_idx],
-        test=test,
-    )
+# --------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
@@ -231,7 +148,7 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
                 f"{spec.architecture} on {spec.dataset}; resume it with the same --dataset/--arch or pick another --name"
             )
         spec.hyper = saved["hyperparameters"]  # continue exactly the run that was interrupted
-    validate(spec, len(train), train.images.shape[1], env.world_size)
+    validate(spec.hyper, spec.val_fraction, spec.precision, len(train), train.images.shape[1], env.world_size)
     if saved is None and (run_dir / checkpoint.CONFIG_FILE).exists() and env.is_main:
         console.print(f"[yellow]overwriting the existing run in {run_dir}[/]")
 
@@ -258,7 +175,7 @@ def _set_up(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, fres
     apply_determinism(spec.seed, spec.deterministic, env.device)
     precision, autocast = autocast_for(env.device, spec.precision)
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
-    data = prepare_data(train, test, spec, env.device)
+    data = prepare_data(train, test, spec.val_fraction, spec.split_seed, env.device)
     norm = NORMALIZATION[spec.dataset]
     normalize = Normalizer(norm["mean"], norm["std"], env.device)
 
