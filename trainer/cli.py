@@ -259,10 +259,9 @@ def evaluate(run_dir, data_dir, split, tta, no_download):
 
     from ensemble_serving.metrics import confusion_matrix, per_class_metrics
     from trainer.checkpoint import load_serving_model
-    from trainer.serving import serving_model_from
-    from trainer.data import split_train_validation
+    from trainer.data import load_datasets, split_train_validation
     from trainer.errors import TrainerError
-    from trainer.data import load_datasets
+    from trainer.serving import serving_model_from
     from trainer.train import predict
 
     model, config = load_serving_model(run_dir)
