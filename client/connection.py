@@ -20,14 +20,6 @@ from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 UNLIMITED_MESSAGES = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 DEFAULT_PROBE_TIMEOUT_S = 10.0
 
-# numpy dtypes of the protocol datatypes the client reads or writes as raw bytes.
-NUMPY_DTYPES = {
-    "UINT8": "uint8", "INT8": "int8", "UINT16": "<u2", "INT16": "<i2",
-    "UINT32": "<u4", "INT32": "<i4", "UINT64": "<u8", "INT64": "<i8",
-    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "BOOL": "bool",
-}  # fmt: skip
-
-
 class ClientError(Exception):
     """A problem the user can fix (server down, wrong model, wrong data); one line of text."""
 
