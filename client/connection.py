@@ -1,6 +1,6 @@
 """One gRPC channel to a KServe v2 / Triton server, and the checks made before sending data.
 
-Everything here speaks only the standard protocol (DESIGN.md §4), so the client works
+Everything here speaks only the standard protocol (docs/design.md §4), so the client works
 against our server, Triton, or any other v2 server. Failures become a `ClientError`
 whose message is one line a person can act on; the CLI prints it and exits non-zero.
 """
@@ -19,14 +19,6 @@ from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 # A batch of 10,000 CIFAR images is 30 MB; the gRPC default cap of 4 MB would refuse it.
 UNLIMITED_MESSAGES = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 DEFAULT_PROBE_TIMEOUT_S = 10.0
-
-# numpy dtypes of the protocol datatypes the client reads or writes as raw bytes.
-NUMPY_DTYPES = {
-    "UINT8": "uint8", "INT8": "int8", "UINT16": "<u2", "INT16": "<i2",
-    "UINT32": "<u4", "INT32": "<i4", "UINT64": "<u8", "INT64": "<i8",
-    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "BOOL": "bool",
-}  # fmt: skip
-
 
 class ClientError(Exception):
     """A problem the user can fix (server down, wrong model, wrong data); one line of text."""
@@ -127,18 +119,29 @@ class Connection:
             raise ClientError(f"server at {self.url} answers but reports it is not live")
         return self.call("ServerMetadata", pb.ServerMetadataRequest(), "ServerMetadata")
 
-    def model_index(self) -> dict[str, str] | None:
-        """{name: why it is not ready ("" when ready)} from RepositoryIndex; None where the server has none."""
+    def repository_index(self) -> list[dict] | None:
+        """RepositoryIndex as {name, version, state, reason} entries sorted by name; None where the server has none.
+
+        The one place the client reads it: check_model_ready and `client status` both start here.
+        """
         try:
             index = self.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout_s)
         except grpc.RpcError:
             return None  # RepositoryIndex is Triton's extension, not core v2
+        entries = [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in index.models]
+        return sorted(entries, key=lambda entry: entry["name"])
+
+    def model_index(self) -> dict[str, str] | None:
+        """{name: why it is not ready ("" when ready)}; None where the server has no RepositoryIndex."""
+        entries = self.repository_index()
+        if entries is None:
+            return None
         reasons: dict[str, str] = {}
-        for model in index.models:  # one entry per version; any ready version makes the model ready
-            if model.state == "READY":
-                reasons[model.name] = ""
+        for entry in entries:  # one entry per version; any ready version makes the model ready
+            if entry["state"] == "READY":
+                reasons[entry["name"]] = ""
             else:
-                reasons.setdefault(model.name, f"{model.state} {model.reason}".strip())
+                reasons.setdefault(entry["name"], f"{entry['state']} {entry['reason']}".strip())
         return reasons
 
     def check_model_ready(self, name: str, version: str = "") -> None:
@@ -198,7 +201,7 @@ def image_model_from_metadata(metadata: pb.ModelMetadataResponse, version: str =
     if image_input.datatype != "UINT8":
         raise ClientError(
             f"model {name!r} input {image_input.describe()} takes {image_input.datatype}; this client "
-            "sends raw pixels as UINT8 (normalization belongs inside the model, DESIGN.md §3)"
+            "sends raw pixels as UINT8 (normalization belongs inside the model, docs/design.md §3)"
         )
     probabilities = _pick_probabilities_output(name, outputs)
     return ImageModel(
@@ -230,7 +233,12 @@ def first_line(text: str) -> str:
     return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
 
 
-def rpc_error(error: grpc.RpcError, what: str, url: str) -> ClientError:
-    """`<what> failed on HOST:PORT: <CODE>: <server's message>` as one line."""
+def status_text(error: grpc.RpcError) -> str:
+    """`<CODE>: <first line of the server's message>`."""
     code = error.code().name if error.code() is not None else "UNKNOWN"
-    return ClientError(f"{what} failed on {url}: {code}: {first_line(error.details())}")
+    return f"{code}: {first_line(error.details())}"
+
+
+def rpc_error(error: grpc.RpcError, what: str, url: str, hint: str = "") -> ClientError:
+    """`<what> failed on HOST:PORT: <CODE>: <server's message><hint>` as one line: every gRPC failure the client reports."""
+    return ClientError(f"{what} failed on {url}: {status_text(error)}{hint}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from client.connection import ClientError, Connection, ImageModel, first_line
+from client.connection import ClientError, Connection, ImageModel, rpc_error
 from client.inference import image_request, output_array
 
 
@@ -154,8 +154,6 @@ class _Gatherer:
         if isinstance(error, ClientError):
             return error
         if isinstance(error, grpc.RpcError):
-            code = error.code().name if error.code() is not None else "UNKNOWN"
-            hint = " (raise --timeout, or lower --batch-size)" if code == "DEADLINE_EXCEEDED" else ""
-            return ClientError(f"inference on model {model_name!r} at {url} failed: {code}: "
-                               f"{first_line(error.details())}{hint}")  # fmt: skip
+            hint = " (raise --timeout, or lower --batch-size)" if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ""
+            return rpc_error(error, f"inference on model {model_name!r}", url, hint)
         return ClientError(f"inference on model {model_name!r} at {url} returned an unreadable response: {error}")

@@ -7,21 +7,11 @@ when the server used it, else from the typed `contents` fields: both are legal v
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 
-from client.connection import NUMPY_DTYPES, ClientError, ImageModel
+from client.connection import ClientError, ImageModel
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-
-# Typed contents field for each datatype a server may return without raw bytes.
-_CONTENTS_FIELD = {
-    "FP32": "fp32_contents", "FP64": "fp64_contents",
-    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
-    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-    "BOOL": "bool_contents", "BYTES": "bytes_contents",
-}  # fmt: skip
-
+from ensemble_serving.tensors import CONTENTS_FIELD, NUMPY_DTYPES, deserialize_bytes
 
 def image_request(model: ImageModel, images: np.ndarray, class_count: int = 0) -> pb.ModelInferRequest:
     """A request carrying `images` (uint8 [N, H, W, C]; N must be 1 for a non-batching model).
@@ -57,7 +47,7 @@ def output_array(response: pb.ModelInferResponse, name: str) -> np.ndarray:
         if index < len(response.raw_output_contents):
             flat = np.frombuffer(response.raw_output_contents[index], dtype=NUMPY_DTYPES[output.datatype])
         else:
-            typed = getattr(output.contents, _CONTENTS_FIELD.get(output.datatype, "fp32_contents"))
+            typed = getattr(output.contents, CONTENTS_FIELD.get(output.datatype, "fp32_contents"))
             flat = np.asarray(typed, dtype=NUMPY_DTYPES[output.datatype])
         if flat.size != int(np.prod(shape)):
             raise ClientError(f"output {name!r}: shape {list(shape)} but {flat.size} values in the response")
@@ -67,14 +57,10 @@ def output_array(response: pb.ModelInferResponse, name: str) -> np.ndarray:
 
 
 def _bytes_values(response: pb.ModelInferResponse, index: int, output) -> list[bytes]:
-    """BYTES tensors travel raw as [uint32 little-endian length][bytes] per element."""
+    """BYTES tensors: typed in contents.bytes_contents, or raw as length-prefixed elements."""
     if index >= len(response.raw_output_contents):
         return list(output.contents.bytes_contents)
-    raw = response.raw_output_contents[index]
-    values, offset = [], 0
-    while offset < len(raw):
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        values.append(raw[offset : offset + length])
-        offset += length
-    return values
+    try:
+        return deserialize_bytes(response.raw_output_contents[index])
+    except ValueError as error:
+        raise ClientError(f"output {output.name!r}: {error}") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from client.connection import ClientError, Connection, ImageModel, first_line
+from client.connection import ClientError, Connection, ImageModel, rpc_error
 from client.inference import image_request, output_array
 
 RESAMPLE = "BILINEAR"  # smooth enough for downscaling photos, exact for same-size images
@@ -138,5 +138,4 @@ def read_labels(path: str | Path) -> list[str]:
 
 
 def _infer_error(error: grpc.RpcError, url: str, model_name: str) -> ClientError:
-    code = error.code().name if error.code() is not None else "UNKNOWN"
-    return ClientError(f"inference on model {model_name!r} at {url} failed: {code}: {first_line(error.details())}")
+    return rpc_error(error, f"inference on model {model_name!r}", url)

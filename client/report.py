@@ -130,7 +130,7 @@ def confusion_table(report: dict, normalize: bool = False) -> Table:
     """Rows are true classes, columns predictions; the diagonal (correct) in green."""
     cm = np.asarray(report["confusion_matrix"], dtype=np.int64)
     names = report["class_names"]
-    shown = _row_normalized(cm) if normalize else cm
+    shown = metrics.row_normalized(cm) if normalize else cm
     kind = "row-normalized (recall on the diagonal)" if normalize else "counts"
     table = Table(title=f"confusion matrix, {kind}: rows = true class, columns = predicted", title_justify="left")
     table.add_column("true \\ pred", style="bold")
@@ -148,11 +148,6 @@ def confusion_table(report: dict, normalize: bool = False) -> Table:
                 cells.append(f"[dim]{text}[/dim]")
         table.add_row(name, *cells)
     return table
-
-
-def _row_normalized(cm: np.ndarray) -> np.ndarray:
-    row_sums = cm.sum(axis=1, keepdims=True)
-    return np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=np.float64), where=row_sums > 0)
 
 
 # --------------------------------------------------------------------------- files

@@ -105,17 +105,6 @@ def open_channel(target: str, security: ClientSecurity = PLAINTEXT, options=()) 
     return channel
 
 
-def open_aio_channel(target: str, security: ClientSecurity = PLAINTEXT, options=()) -> grpc.aio.Channel:
-    """The asyncio twin of `open_channel`."""
-    options = list(options) + security.channel_options()
-    interceptors = [_AioTokenInterceptor(security.metadata())] if security.token else None
-    if security.uses_tls:
-        return grpc.aio.secure_channel(target, security.channel_credentials(), options=options,
-                                       interceptors=interceptors)  # fmt: skip
-    _warn_token_in_plaintext(security)
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-
-
 def _warn_token_in_plaintext(security: ClientSecurity) -> None:
     if security.token:
         log.warning("sending a bearer token without TLS: anyone on the network path can read it")
@@ -154,25 +143,6 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
         return continuation(self._with_token(client_call_details), request)
-
-
-class _AioTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds the authorization metadata to every call of an asyncio channel."""
-
-    def __init__(self, metadata: tuple[tuple[str, str], ...]):
-        self._metadata = metadata
-
-    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(tuple(details.metadata or ()) + self._metadata))
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._with_token(client_call_details), request)
-
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._with_token(client_call_details), request)
 
 
 # --------------------------------------------------------------------------- click flags

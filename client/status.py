@@ -6,7 +6,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from client.connection import ClientError, Connection, image_model_from_metadata, tensor_spec
+from client.connection import ClientError, Connection, image_model_from_metadata, status_text, tensor_spec
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 
 
@@ -22,7 +22,7 @@ def server_status(connection: Connection, model_names: list[str] | None = None) 
         "repository_index": True,
         "models": [],
     }
-    entries = _index_entries(connection)
+    entries = connection.repository_index()
     if entries is None:
         status["repository_index"] = False
         entries = []
@@ -30,15 +30,6 @@ def server_status(connection: Connection, model_names: list[str] | None = None) 
     entries += [{"name": name, "version": "", "state": "", "reason": ""} for name in model_names or [] if name not in listed]
     status["models"] = [_model_status(connection, entry) for entry in entries]
     return status
-
-
-def _index_entries(connection: Connection) -> list[dict] | None:
-    try:
-        index = connection.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=connection.timeout_s)
-    except grpc.RpcError:
-        return None  # RepositoryIndex is Triton's extension, not core v2
-    entries = [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in index.models]
-    return sorted(entries, key=lambda entry: entry["name"])
 
 
 def _model_status(connection: Connection, entry: dict) -> dict:
@@ -52,7 +43,7 @@ def _model_status(connection: Connection, entry: dict) -> dict:
         metadata = connection.stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=connection.timeout_s)
     except grpc.RpcError as error:
         model.setdefault("ready", False)
-        model["error"] = f"{error.code().name}: {error.details()}"
+        model["error"] = status_text(error)
         return model
     model["platform"] = metadata.platform
     model["versions"] = list(metadata.versions)

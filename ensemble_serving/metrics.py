@@ -87,6 +87,13 @@ def per_class_metrics(cm, class_names) -> list[dict]:
     return rows
 
 
+def row_normalized(cm) -> np.ndarray:
+    """Each row of a confusion matrix divided by its sum (recall on the diagonal); empty rows stay 0."""
+    cm = np.asarray(cm)
+    row_sums = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=np.float64), where=row_sums > 0)
+
+
 def top_k_accuracy(probabilities, labels, k: int) -> float:
     """Fraction of samples whose true class is among the k highest scores."""
     probs, labels = _as_probabilities(probabilities, labels)
@@ -135,11 +142,7 @@ def save_confusion_matrix_png(
     num_classes = len(class_names)
     if cm.shape != (num_classes, num_classes):
         raise ValueError(f"confusion matrix {cm.shape} does not match {num_classes} class names")
-    if normalize:
-        row_sums = cm.sum(axis=1, keepdims=True)
-        shown = np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=np.float64), where=row_sums > 0)
-    else:
-        shown = cm
+    shown = row_normalized(cm) if normalize else cm
 
     size = max(5.0, 0.6 * num_classes + 2.0)
     fig = Figure(figsize=(size, size * 0.9))

@@ -1,7 +1,7 @@
 """Read and write Triton `config.pbtxt` files through the generated ModelConfig proto.
 
 A config.pbtxt is a `inference.ModelConfig` message in protobuf text format
-(DESIGN.md §3). Parsing goes through protobuf's text_format, never by hand, so a
+(docs/design.md §3). Parsing goes through protobuf's text_format, never by hand, so a
 file that Triton would reject is rejected here too, with protobuf's line:column
 message wrapped in a `ModelConfigError` that names the file.
 """

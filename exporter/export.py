@@ -226,11 +226,11 @@ class _Exporter:
             self._export_int8(max_accuracy_drop)
 
     def _load(self, run_dirs: list[Path]) -> list[Member]:
-        check_run_dirs(run_dirs)  # all configs first: a bad last run dir fails before any work
+        runs = check_run_dirs(run_dirs)  # all configs first: a bad last run dir fails before any work
         members = []
-        for run_dir in run_dirs:
+        for run_dir, config in runs:
             self.progress.step(f"loading {run_dir}")
-            members.append(load_member(run_dir))
+            members.append(load_member(run_dir, config))
         return members
 
     # ----------------------------------------------------------------- members

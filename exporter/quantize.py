@@ -51,10 +51,8 @@ def quantization_data(config: dict, data_dir=None) -> QuantizationData:
     from trainer.data import split_train_validation
 
     dataset, root = config["dataset"], resolve_data_dir(data_dir)
-    # train.py records both at the top level of config.json (older drafts: under hyperparameters).
-    hyper = config.get("hyperparameters", {})
-    val_fraction = float(config.get("val_fraction", hyper.get("val_fraction", 0.0)))
-    split_seed = int(config.get("split_seed", hyper.get("split_seed", 0)))
+    val_fraction = float(config.get("val_fraction", 0.0))
+    split_seed = int(config.get("split_seed", 0))
     train = _load_real(dataset, "train", root)
     train_idx, val_idx = split_train_validation(train.labels, val_fraction, split_seed)
     if "val_samples" in config and int(config["val_samples"]) != len(val_idx):

@@ -1,4 +1,4 @@
-"""The Triton model repository layout (DESIGN.md §3): model dirs, config.pbtxt, labels, staging.
+"""The Triton model repository layout (docs/design.md §3): model dirs, config.pbtxt, labels, staging.
 
     <repository>/<model>/config.pbtxt     ModelConfig, written through ensemble_serving.model_config
     <repository>/<model>/labels.txt       one class name per line (the output's label_filename)

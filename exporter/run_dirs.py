@@ -1,15 +1,15 @@
-"""Read trained run dirs (DESIGN.md §2) into serving modules, with clear errors for bad ones.
+"""Trained run dirs (docs/design.md §2) as export members, with clear errors for bad ones.
 
-A run dir holds `model.safetensors` and `config.json`; the trainer's
-`load_serving_model` turns it into the module we export: uint8 NHWC images in,
-probabilities out. Everything the exporter needs to know about a model (dataset,
-class names, input shape) comes from config.json, never from training defaults.
+The trainer owns the run dir: trainer.checkpoint.read_config is the one reader and
+validator of config.json and load_serving_model the one way to a module (uint8 NHWC
+images in, probabilities out). This module adds what only the exporter needs: that the
+members of one ensemble agree, that the module keeps the serving signature, and the
+weights' digest. The trainer's RunDirErrors become ExportErrors here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +17,7 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportError, one_line
-
-WEIGHTS_FILENAME = "model.safetensors"
-CONFIG_FILENAME = "config.json"
-SUPPORTED_FORMAT_VERSIONS = (1,)
-REQUIRED_CONFIG_KEYS = ("architecture", "dataset", "class_names", "input", "normalization")
+from trainer.checkpoint import CONFIG_FILE, WEIGHTS_FILE, RunDirError, load_serving_model, read_config
 
 
 @dataclass
@@ -51,44 +47,15 @@ class Member:
             return self.module(torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
 
-def read_run_config(run_dir: Path) -> dict:
-    """config.json of a run dir, checked for what the exporter relies on."""
-    if not run_dir.is_dir():
-        raise ExportError(f"{run_dir}: not a directory (expected a run dir written by `trainer`)")
-    path = run_dir / CONFIG_FILENAME
-    if not path.is_file():
-        raise ExportError(f"{run_dir}: no {CONFIG_FILENAME} (expected a run dir written by `trainer`)")
+def load_member(run_dir: Path, config: dict) -> Member:
+    """One run dir (with its config as check_run_dirs returned it) as a module, checked for the serving signature."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ExportError(f"{path}: not readable JSON: {one_line(error)}") from None
-    if not isinstance(config, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    version = config.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise ExportError(f"{path}: format_version {version!r} is not supported (expected one of {SUPPORTED_FORMAT_VERSIONS})")
-    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
-    if missing:
-        raise ExportError(f"{path}: missing key(s) {', '.join(missing)}")
-    return config
-
-
-def load_member(run_dir: str | Path) -> Member:
-    """Load one run dir through the trainer's `load_serving_model`, and check what it returns."""
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    if not (run_dir / WEIGHTS_FILENAME).is_file():
-        raise ExportError(f"{run_dir}: no {WEIGHTS_FILENAME} (the run has no trained weights; did training finish?)")
-
-    from trainer.checkpoint import RunDirError, load_serving_model  # the trainer owns how a run becomes a module
-
-    try:
-        module, _ = load_serving_model(run_dir)
+        module, _ = load_serving_model(run_dir, config)
     except RunDirError as error:  # already names the file and what is wrong with it
         raise ExportError(one_line(error)) from None
     except Exception as error:  # noqa: BLE001 - anything else here means weights and config disagree
         raise ExportError(
-            f"{run_dir}: {WEIGHTS_FILENAME} does not match {CONFIG_FILENAME} "
+            f"{run_dir}: {WEIGHTS_FILE} does not match {CONFIG_FILE} "
             f"(architecture {config['architecture']!r}): {one_line(error, 240)}"
         ) from None
     member = Member(run_dir=run_dir, config=config, module=module.eval())
@@ -114,21 +81,20 @@ def _check_serving_signature(member: Member) -> None:
         raise ExportError(f"{member.run_dir}: the serving module's outputs do not sum to 1 (softmax missing?)")
 
 
-def check_run_dirs(run_dirs: list[str | Path]) -> None:
-    """Every config.json readable and the members compatible, before any weights are loaded."""
+def check_run_dirs(run_dirs: list[str | Path]) -> list[tuple[Path, dict]]:
+    """(run dir, config) of each, every config.json read and the members compatible, before any weights load."""
     if not run_dirs:
         raise ExportError("no run dirs given (expected at least one directory written by `trainer`)")
     resolved = [Path(run_dir).resolve() for run_dir in run_dirs]
     duplicates = {str(path) for path in resolved if resolved.count(path) > 1}
     if duplicates:
         raise ExportError(f"run dir given more than once: {', '.join(sorted(duplicates))}")
-    configs = [read_run_config(Path(run_dir)) for run_dir in run_dirs]
-    check_compatible(list(zip(map(Path, run_dirs), configs)))
-
-
-def load_members(run_dirs: list[str | Path]) -> list[Member]:
-    check_run_dirs(run_dirs)
-    return [load_member(run_dir) for run_dir in run_dirs]
+    try:
+        runs = [(Path(run_dir), read_config(run_dir)) for run_dir in run_dirs]
+    except RunDirError as error:
+        raise ExportError(one_line(error)) from None
+    check_compatible(runs)
+    return runs
 
 
 def check_compatible(runs: list[tuple[Path, dict]]) -> None:
@@ -145,7 +111,7 @@ def check_compatible(runs: list[tuple[Path, dict]]) -> None:
 
 def weights_sha256(run_dir: Path) -> str:
     digest = hashlib.sha256()
-    with open(run_dir / WEIGHTS_FILENAME, "rb") as weights:
+    with open(run_dir / WEIGHTS_FILE, "rb") as weights:
         for block in iter(lambda: weights.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

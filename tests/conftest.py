@@ -3,9 +3,10 @@
 Fixtures (use them from any test file):
 
   tiny_repository   session-scoped `TinyRepository`: a Triton-layout repository made by
-                    the exporter from two tiny trained runs (tests/tiny_pipeline.py; without
-                    torch, an onnx.helper stand-in, tests/tiny_models.py): members tiny-m0,
-                    tiny-m1, the averaging model tiny-average and the ensemble tiny, all
+                    the exporter from two tiny trained runs (tests/support/tiny_pipeline.py;
+                    without torch, an onnx.helper stand-in, tests/support/tiny_models.py):
+                    members tiny-m0, tiny-m1, the averaging model tiny-average and the
+                    ensemble tiny, all
                     with the project's signature (input `images` UINT8 [-1, H, W, C],
                     output `probabilities` FP32 [-1, classes], labels.txt). Its fields
                     (names, image shape, class names, max_batch_size, images()) are what
@@ -17,6 +18,11 @@ Fixtures (use them from any test file):
                     Every server it started is stopped at the end of the session.
   server            session-scoped `RunningServer` on `tiny_repository` (default flags).
   inference_stub    a GRPCInferenceService stub connected to `server`.
+  few_threads       torch on 2 intra-op threads for the test (mark a module or test
+                    `torch_threads(n)` for n), restored afterwards.
+
+What tests share beyond fixtures lives in tests/support/ (see its __init__); no test
+file imports from another test file.
 
 Servers run as real subprocesses (our protocol modules and tritonclient cannot share a
 process: see the team brief), with one onnxruntime thread each to spare the shared CPU.
@@ -26,23 +32,30 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
-from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from tests.support.servers import ROOT, RunningServer, free_port, server_command, wait_until_ready
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVER_START_TIMEOUT_S = 90.0
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torch_threads(n): the few_threads fixture sets torch to n threads")
+
+
+@pytest.fixture
+def few_threads(request):
+    """The shared 2-core machine: torch tests keep to a few threads (spinning extra ones slow everyone)."""
+    torch = pytest.importorskip("torch")
+    marker = request.node.get_closest_marker("torch_threads")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(marker.args[0] if marker else 2)
+    yield
+    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,9 +96,9 @@ def _build_tiny_repository(root: Path) -> TinyRepository:
     """The real pipeline (trainer on generated data, then exporter) when torch is installed;
     otherwise (a server-only install) the same layout built with onnx.helper."""
     if importlib.util.find_spec("torch") is None:
-        from tests.tiny_models import write_tiny_repository
+        from tests.support.tiny_models import write_tiny_repository
     else:
-        from tests.tiny_pipeline import write_tiny_repository
+        from tests.support.tiny_pipeline import write_tiny_repository
     return TinyRepository(**write_tiny_repository(root))
 
 
@@ -97,77 +110,6 @@ def tiny_repository(tmp_path_factory) -> TinyRepository:
 # ---------------------------------------------------------------------------------------
 # Server subprocesses
 # ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class RunningServer:
-    process: subprocess.Popen
-    grpc_port: int
-    metrics_port: int
-    log_path: Path
-    _channels: list = field(default_factory=list)
-
-    @property
-    def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def channel(self) -> grpc.Channel:
-        channel = grpc.insecure_channel(self.grpc_address)
-        self._channels.append(channel)
-        return channel
-
-    def stub(self) -> pb_grpc.GRPCInferenceServiceStub:
-        return pb_grpc.GRPCInferenceServiceStub(self.channel())
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def send_signal(self, signum: int = signal.SIGTERM) -> None:
-        self.process.send_signal(signum)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        for channel in self._channels:
-            channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def server_command(repository: Path, grpc_port: int, metrics_port: int, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "server", "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-            "--intra-op-threads", "1", "--inter-op-threads", "1", *flags]  # fmt: skip
-
-
-def wait_until_ready(server: RunningServer, timeout: float = SERVER_START_TIMEOUT_S) -> None:
-    stub = server.stub()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with status {server.process.returncode} before it was ready:\n"
-                               f"{server.log()[-4000:]}")
-        try:
-            if stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server not ready after {timeout} s:\n{server.log()[-4000:]}")
-
-
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory):
     started: list[RunningServer] = []

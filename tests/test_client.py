@@ -1,6 +1,6 @@
 """The client end to end against real server subprocesses (tests/conftest.py).
 
-- the known-answer model (tests/known_answer.py) served for real: `client evaluate`
+- the known-answer model (tests/support/known_answer.py) served for real: `client evaluate`
   must report exactly the hand-computed accuracy, confusion matrix and ECE;
 - the shared tiny ensemble: streamed probabilities equal onnxruntime's own answer, in
   dataset order, whatever the batch size and concurrency;
@@ -21,8 +21,9 @@ from click.testing import CliRunner
 from client.cli import main
 from client.connection import Connection
 from client.evaluate import stream_probabilities
-from tests import known_answer as known
-from tests.conftest import ROOT, free_port
+from tests.support import known_answer as known
+from tests.support.datasets import write_cifar_batches
+from tests.support.servers import ROOT, free_port
 
 
 @pytest.fixture(scope="module")
@@ -148,19 +149,9 @@ def _write_dataset_for(tiny_repository, root, images, labels) -> str:
         known.write_mnist_test_split(root, images, labels)
         return "mnist"
     if tiny_repository.image_shape == (32, 32, 3):
-        _write_cifar_test_batch(root, images, labels)
+        write_cifar_batches(root, {"test_batch": (images, labels)}, protocol=4)  # 4: arrays as _reconstruct + raw bytes
         return "cifar10"
     pytest.skip(f"the fixture's images {tiny_repository.image_shape} match neither MNIST nor CIFAR-10")
-
-
-def _write_cifar_test_batch(root, images, labels) -> None:
-    import pickle
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # NHWC -> R, G, B planes
-    batch = {"data": np.ascontiguousarray(planes), "labels": [int(label) for label in labels]}
-    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=4))  # 4: arrays as _reconstruct + raw bytes
 
 
 def test_evaluate_the_fixture_ensemble_reports_what_onnxruntime_predicts(server, tiny_repository, tmp_path):

@@ -19,7 +19,7 @@ from client.inference import image_request, output_array
 from client.predict import load_image, parse_classification
 from client.report import build_report, confusion_table, print_report, write_report_files
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from tests import known_answer as known
+from tests.support import known_answer as known
 
 MNIST_MODEL = ImageModel(
     name="mnist",

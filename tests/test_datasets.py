@@ -12,7 +12,6 @@ import http.server
 import io
 import pickle
 import socket
-import struct
 import tarfile
 import threading
 import warnings
@@ -29,6 +28,7 @@ from ensemble_serving.datasets import (
     load_dataset,
     resolve_data_dir,
 )
+from tests.support.datasets import idx_bytes, write_cifar_batches, write_mnist_split
 
 # Generated files never match the official md5s; tests that care about the warning check it
 # with pytest.warns or turn it into an error locally.
@@ -40,44 +40,19 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # --------------------------------------------------------------------------- file writers
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
 def write_mnist(root: Path, split: str, n: int, *, gz: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    folder = root / "MNIST" / "raw"
-    folder.mkdir(parents=True, exist_ok=True)
-    prefix = "train" if split == "train" else "t10k"
-    for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
-        data = idx_bytes(array)
-        if gz:
-            (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
-        else:
-            (folder / stem).write_bytes(data)
+    write_mnist_split(root, split, images, labels, gz=gz)
     return images, labels
-
-
-def cifar_batch_bytes(images_nhwc: np.ndarray, labels: np.ndarray) -> bytes:
-    data = images_nhwc.transpose(0, 3, 1, 2).reshape(len(images_nhwc), -1)  # R, G, B planes
-    return pickle.dumps({"batch_label": "generated", "labels": labels.tolist(), "data": data, "filenames": []})
 
 
 def write_cifar(root: Path, n_per_batch: int = 4, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, size=(n_per_batch, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n_per_batch)
-        (folder / name).write_bytes(cifar_batch_bytes(images, labels))
-        written[name] = (images, labels)
-    meta = {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": n_per_batch}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    written = {name: (rng.integers(0, 256, size=(n_per_batch, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, size=n_per_batch))
+               for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}  # fmt: skip
+    write_cifar_batches(root, written, label_names=[f"class{i}" for i in range(10)])
     return written
 
 

@@ -26,19 +26,15 @@ from ensemble_serving.protocol import model_config_pb2 as pb
 from exporter import average, export, onnx_export
 from exporter.errors import ExportError, ParityError, QuantizationError
 from exporter.export import export_repository
-from tests.tiny_pipeline import TEST_IMAGES, write_digit_like_data, train_tiny_run
+from tests.support.tiny_pipeline import TEST_IMAGES, write_digit_like_data, train_tiny_run
 
 
 # The generated IDX files are not the official MNIST release; the reader says so once per file.
-pytestmark = pytest.mark.filterwarnings("ignore::ensemble_serving.datasets.DatasetChecksumWarning")
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::ensemble_serving.datasets.DatasetChecksumWarning"),
+    pytest.mark.usefixtures("few_threads"),
+    pytest.mark.torch_threads(1),
+]
 
 
 # --------------------------------------------------------------------------- tiny data + runs

@@ -17,10 +17,10 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from tests.test_server_grpc import infer_request, probabilities
+from tests.support.metrics import metric, scrape
+from tests.support.requests import infer_request, probabilities
 
 # A long max queue delay keeps requests queued long enough to cancel them reliably,
 # and makes every concurrent request of one model land in the same batch.
@@ -28,22 +28,6 @@ SLOW_BATCHING = ("--max-queue-delay-us", "400000")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def scrape(server) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} from the server's /metrics."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def metric(samples: dict, name: str, **labels) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    return sum(value for (sample, sample_labels), value in samples.items()
-               if sample == name and set(labels.items()) <= set(sample_labels))  # fmt: skip
 
 
 def wait_for_no_pending(server, timeout: float = 10.0) -> float:
@@ -316,7 +300,7 @@ def test_broken_models_fail_alone_with_one_log_line_and_a_metric(start_server, b
 
 
 def test_strict_makes_a_broken_model_a_startup_failure(broken_repository, tiny_repository):
-    from tests.conftest import free_port, server_command
+    from tests.support.servers import free_port, server_command
 
     command = server_command(broken_repository, free_port(), free_port(), "--strict")
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)

@@ -10,8 +10,8 @@ from torch import nn
 
 from trainer.models import airbench
 from trainer.muon import MuonWithSGD, orthogonalize
+from trainer.optim import make_optimizer, set_lr
 from trainer.recipes import get_recipe
-from trainer.train import make_optimizer, set_lr
 
 
 @pytest.mark.parametrize("shape", [(64, 24, 3, 3), (256, 64, 3, 3), (16, 256)])

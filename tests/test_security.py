@@ -3,7 +3,7 @@
 The unit part runs a real gRPC thread-pool server on a free port (in this process)
 with a minimal ServerLive servicer and the standard health service, so the
 credentials and the interceptor are exercised over real sockets and real handshakes.
-Certificates are generated per test session (tests/tls_certificates.py).
+Certificates are generated per test session (tests/support/tls_certificates.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from client.security import ClientSecurity, SecurityError, open_aio_channel, open_channel, security_options
+from client.security import ClientSecurity, SecurityError, open_channel, security_options
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.security import (
@@ -29,7 +29,9 @@ from server.security import (
     load_auth_tokens,
     server_credentials,
 )
-from tests.tls_certificates import make_test_pki
+from tests.support.aio_client import open_aio_channel
+from tests.support.servers import wait_until
+from tests.support.tls_certificates import make_test_pki
 
 TOKEN = "s3cret-token-0123456789abcdef"
 OTHER_TOKEN = "another-token-0123456789abcdef"
@@ -375,7 +377,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -386,21 +387,12 @@ SECURE_CLIENT = ROOT / "tests" / "tritonclient_scripts" / "secure_client.py"
 
 
 def wait_serving(server, security: ClientSecurity, timeout: float = 90.0) -> None:
-    """conftest waits with a plaintext, token-less ServerReady; a secured server needs this."""
-    deadline = time.monotonic() + timeout
+    """conftest waits with a plaintext, token-less ServerReady; a secured server needs its own probe."""
+    serving = health_pb2.HealthCheckResponse.SERVING
     with open_channel(server.grpc_address, security) as channel:
         health_stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()[-3000:]}")
-            try:
-                answer = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"server not serving after {timeout} s:\n{server.log()[-3000:]}")
+        wait_until(server, lambda: health_stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == serving,
+                   timeout, what="serving")  # fmt: skip
 
 
 def infer_images(address: str, security: ClientSecurity, model: str, images: np.ndarray, metadata=None) -> np.ndarray:
@@ -537,7 +529,7 @@ def reflection_stub(channel):
     ids=["client-ca-without-cert", "cert-without-key", "key-as-cert", "empty-tokens-file"],
 )
 def test_bad_security_settings_are_one_line_startup_errors(tiny_repository, pki, tmp_path, flags, message):
-    from tests.conftest import free_port, server_command
+    from tests.support.servers import free_port, server_command
 
     empty = tmp_path / "tokens"
     empty.write_text("# nobody yet\n")

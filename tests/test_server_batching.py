@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from tests.test_server_grpc import infer_request, probabilities
+from tests.support.requests import infer_request, probabilities
 
 QUEUE_DELAY_US = 500_000
 QUEUE_SIZE = 8

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from server import cli
 from server.runtime import cuda_available
-from tests.conftest import ROOT, free_port, server_command
-from tests.test_server_grpc import infer_request, probabilities
+from tests.support.servers import ROOT, free_port, server_command
+from tests.support.requests import infer_request, probabilities
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(start_server, tiny_repository):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from tests.test_server_grpc import infer_request
+from tests.support.metrics import scrape_families
+from tests.support.requests import infer_request
 
 PREFIX = "ensemble_server_"
 EXPECTED_FAMILIES = {
@@ -28,13 +26,6 @@ EXPECTED_FAMILIES = {
 }
 
 
-def scrape(server) -> dict:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as answer:
-        assert answer.status == 200
-        text = answer.read().decode()
-    return {family.name: family for family in text_string_to_metric_families(text)}
-
-
 def sample(families, name: str, suffix: str = "", **labels) -> float:
     family = families[PREFIX + name]
     matches = [s.value for s in family.samples
@@ -47,14 +38,14 @@ def sample(families, name: str, suffix: str = "", **labels) -> float:
 def traffic(server, tiny_repository):
     """Some successes, one bad request and one unknown model, then a scrape."""
     stub = server.stub()
-    before = scrape(server)
+    before = scrape_families(server)
     for count in (1, 2, 3):
         stub.ModelInfer(infer_request(tiny_repository.ensemble, tiny_repository.images(count)))
     for request in (infer_request(tiny_repository.ensemble, tiny_repository.images(1), name="pixels"),
                     infer_request("no-such-model", tiny_repository.images(1))):
         with pytest.raises(grpc.RpcError):
             stub.ModelInfer(request)
-    return before, scrape(server), stub
+    return before, scrape_families(server), stub
 
 
 def test_metric_families_follow_prometheus_conventions(traffic):

@@ -12,11 +12,8 @@ import os
 # Before torch loads: spinning OpenMP threads make the shared 2-core machine crawl (see trainer/cli.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import gzip
 import json
-import pickle
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -28,26 +25,25 @@ import torch
 from click.testing import CliRunner
 
 from ensemble_serving.datasets import load_dataset
+from tests.support.datasets import write_cifar_batches, write_mnist_split
 from trainer import data as tdata
-from trainer.checkpoint import load_serving_model, serving_model_from
+from trainer.checkpoint import RunDirError, load_serving_model, read_config
 from trainer.cli import main
+from trainer.environment import Environment
+from trainer.optim import Lookahead, lr_factor
 from trainer.recipes import get_recipe
-from trainer.train import Environment, Lookahead, RunSpec, lr_factor, train_run
+from trainer.serving import serving_model_from
+from trainer.train import RunSpec, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data"
 RUN_DIR_FILES = {"model.safetensors", "config.json", "metrics.csv", "history.json", "curves.png",
                  "confusion_matrix.png", "confusion_matrix.json", "per_class.csv"}  # fmt: skip
 
-pytestmark = pytest.mark.filterwarnings("ignore::ensemble_serving.datasets.DatasetChecksumWarning")
-
-
-@pytest.fixture(autouse=True)
-def few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::ensemble_serving.datasets.DatasetChecksumWarning"),
+    pytest.mark.usefixtures("few_threads"),
+]
 
 
 # --------------------------------------------------------------------------- tiny data sets
@@ -64,35 +60,22 @@ def _learnable_images(n: int, size: int, channels: int, rng) -> tuple[np.ndarray
     return images, labels
 
 
-def _idx(array: np.ndarray) -> bytes:
-    return struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
 @pytest.fixture(scope="module")
 def tiny_mnist(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mnist-data")
-    folder = root / "MNIST" / "raw"
-    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 600), ("t10k", 200)):
+    for split, n in (("train", 600), ("test", 200)):
         images, labels = _learnable_images(n, 28, 1, rng)
-        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images[..., 0])))
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels.astype(np.uint8)))  # raw: both forms
+        write_mnist_split(root, split, images, labels.astype(np.uint8), gz=True, gz_labels=False)  # both forms
     return root
 
 
 @pytest.fixture(scope="module")
 def tiny_cifar(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar-data")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    for name, n in [(f"data_batch_{i}", 100) for i in range(1, 6)] + [("test_batch", 100)]:
-        images, labels = _learnable_images(n, 32, 3, rng)
-        data = images.transpose(0, 3, 1, 2).reshape(n, -1)
-        (folder / name).write_bytes(pickle.dumps({"data": data, "labels": labels.tolist()}))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
-    return root
+    batches = {name: _learnable_images(100, 32, 3, rng) for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    return write_cifar_batches(root, batches, label_names=[f"c{i}" for i in range(10)])
 
 
 def _invoke(args: list[str]):
@@ -307,7 +290,7 @@ def test_missing_data_from_the_real_command_has_no_traceback(tmp_path):
 @pytest.mark.parametrize(("architecture", "channels", "size"),
                          [("lenet", 1, 28), ("mnist_cnn", 1, 28), ("cifar_cnn", 3, 32), ("airbench", 3, 32)])  # fmt: skip
 def test_every_architecture_serves_uint8_nhwc_as_probabilities(architecture, channels, size):
-    from trainer.checkpoint import ServingModel
+    from trainer.serving import ServingModel
     from trainer.models import build_model
 
     network = build_model(architecture, channels, 10, size, **get_recipe(architecture)["arch_args"])
@@ -316,6 +299,19 @@ def test_every_architecture_serves_uint8_nhwc_as_probabilities(architecture, cha
         probs = model(torch.randint(0, 256, (3, size, size, channels), dtype=torch.uint8))
     assert probs.shape == (3, 10) and probs.dtype == torch.float32
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
+
+
+def test_a_config_without_serving_tta_is_refused_not_served_without_it(tmp_path):
+    """Drafts before format_version 1 wrote serving {"hflip_tta": true}; no shim reads that any more,
+    so such a run dir must fail loudly rather than serve without its test-time augmentation."""
+    config = {"format_version": 1, "architecture": "lenet", "dataset": "mnist", "class_names": list("0123456789"),
+              "input": {"height": 28, "width": 28, "channels": 1}, "normalization": {"mean": [0.1], "std": [0.3]},
+              "serving": {"hflip_tta": True}}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunDirError, match=r"serving\.tta is None, expected one of none, hflip, hflip_translate"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "serving": {"tta": "hflip"}}))
+    assert read_config(tmp_path)["serving"] == {"tta": "hflip"}
 
 
 def test_lr_schedules_warm_up_then_decay():

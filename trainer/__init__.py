@@ -1,11 +1,16 @@
 """Stage 1 of the pipeline: train MNIST / CIFAR-10 CNNs (and ensembles) into run dirs.
 
 Modules, in the order data flows through them:
-  recipes     hyperparameter presets, one dict per architecture
-  models      the networks (lenet, mnist_cnn, cifar_cnn, airbench)
-  data        normalization, validation split, in-memory augmentation and batching
-  train       the training loop (one run), DDP, resume, final evaluation
-  checkpoint  the run dir contract: ServingModel and load_serving_model
-  report      curves, confusion matrix, per-class table
-  cli         the `trainer` command
+  recipes      hyperparameter presets, one dict per architecture, and the values each option may take
+  models       the networks (lenet, mnist_cnn, cifar_cnn, airbench)
+  data         normalization, validation split, in-memory augmentation and batching
+  environment  device, DDP rank, autocast precision, determinism
+  optim        optimizer parameter groups, the learning-rate schedule, Lookahead
+  muon         the Muon optimizer (orthogonalized updates for conv filters)
+  train        one run: set up, resume, the epochs, the final evaluation
+  serving      ServingModel: uint8 NHWC images in, probabilities out (what gets exported)
+  checkpoint   the run dir contract: the one reader of config.json, load_serving_model
+  report       curves, confusion matrix, per-class table, the progress display
+  errors       TrainerError, TrainingInterrupted
+  cli          the `trainer` command
 """

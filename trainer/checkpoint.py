@@ -1,4 +1,7 @@
-"""The run dir: what the trainer leaves behind and the exporter loads (DESIGN.md §2).
+"""The run dir: what the trainer leaves behind and the exporter loads (docs/design.md §2).
+
+This module is the run dir's one owner: read_config is the one reader and validator of
+config.json, RunDirError the one error type, for the trainer and the exporter alike.
 
     model.safetensors   the network's state_dict (safetensors: loading never runs code)
     config.json         everything needed to rebuild the network and its preprocessing
@@ -6,8 +9,9 @@
                         (read with torch.load(weights_only=True): tensors and plain data only)
 
 load_serving_model() is the one way to turn a run dir into a model: it returns the
-ServingModel, which takes raw uint8 NHWC images and returns probabilities, so the
-preprocessing and any test-time augmentation live inside the exported graph.
+ServingModel (trainer/serving.py), which takes raw uint8 NHWC images and returns
+probabilities, so the preprocessing and any test-time augmentation live inside the
+exported graph.
 """
 
 from __future__ import annotations
@@ -22,58 +26,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.models import build_model
+from trainer.serving import TTA_MODES, ServingModel, serving_model_from
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAINING_STATE_FILE = "checkpoint.pt"
+# What every consumer relies on; the trainer writes more (seed, metrics, versions, ...).
+REQUIRED_KEYS = ("architecture", "dataset", "class_names", "input", "normalization", "serving")
 
 
 class RunDirError(ValueError):
     """A run dir is missing files or holds something we cannot use."""
-
-
-TTA_MODES = ("none", "hflip", "hflip_translate")
-
-
-class ServingModel(nn.Module):
-    """uint8 images [N, H, W, C] -> float32 probabilities [N, num_classes].
-
-    Scaling, normalization, layout change, the network, optional test-time
-    augmentation and softmax, all in ops that ONNX exports (Cast, Transpose, Mul/Add,
-    Pad, Slice, Concat, Reshape, ReduceSum, Softmax), so the exported graph does
-    exactly what the trainer measured. Test-time augmentation averages logits over views:
-      "hflip":            the image and its mirror, 1/2 each;
-      "hflip_translate":  those two (1/4 each) plus both, shifted one pixel up-left and
-                          one pixel down-right with mirrored borders (1/8 each).
-    """
-
-    def __init__(self, network: nn.Module, mean: list[float], std: list[float], tta: str = "none"):
-        super().__init__()
-        if tta not in TTA_MODES:
-            raise ValueError(f"unknown test-time augmentation {tta!r}: expected one of {', '.join(TTA_MODES)}")
-        self.network = network
-        self.tta = tta
-        channels = len(mean)
-        # Folded into one multiply-add: (x / 255 - mean) / std == x * scale + shift.
-        std_t, mean_t = torch.tensor(std, dtype=torch.float32), torch.tensor(mean, dtype=torch.float32)
-        self.register_buffer("scale", (1 / (255 * std_t)).view(1, channels, 1, 1), persistent=False)
-        self.register_buffer("shift", (-mean_t / std_t).view(1, channels, 1, 1), persistent=False)
-        view_weights = {"none": [1.0], "hflip": [0.5, 0.5], "hflip_translate": [0.25, 0.25] + [0.125] * 4}[tta]
-        self.register_buffer("view_weights", torch.tensor(view_weights).view(-1, 1, 1), persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
-        if self.tta == "none":
-            return torch.softmax(self.network(x), dim=1)
-        views = [x, torch.flip(x, dims=[3])]
-        if self.tta == "hflip_translate":
-            padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-            for shifted in (padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]):
-                views += [shifted, torch.flip(shifted, dims=[3])]
-        logits = self.network(torch.cat(views, dim=0))
-        logits = logits.reshape(len(views), x.shape[0], logits.shape[-1])
-        return torch.softmax((logits * self.view_weights).sum(dim=0), dim=1)
 
 
 def build_network(config: dict) -> nn.Module:
@@ -87,21 +51,16 @@ def build_network(config: dict) -> nn.Module:
     )
 
 
-def serving_model_from(network: nn.Module, config: dict) -> ServingModel:
-    norm = config["normalization"]
-    serving = config.get("serving", {})
-    # Run dirs written before "tta" existed say {"hflip_tta": true/false}.
-    tta = serving.get("tta") or ("hflip" if serving.get("hflip_tta") else "none")
-    return ServingModel(network, norm["mean"], norm["std"], tta=tta)
+def load_serving_model(run_dir: str | os.PathLike, config: dict | None = None) -> tuple[ServingModel, dict]:
+    """(eval-mode fp32 ServingModel on CPU, config dict) for a finished (or interrupted) run dir.
 
-
-def load_serving_model(run_dir: str | os.PathLike) -> tuple[ServingModel, dict]:
-    """(eval-mode fp32 ServingModel on CPU, config dict) for a finished (or interrupted) run dir."""
+    `config`: the run dir's config.json as read_config returned it, to spare a second read.
+    """
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
+    config = read_config(run_dir) if config is None else config
     weights = run_dir / WEIGHTS_FILE
     if not weights.is_file():
-        raise RunDirError(f"{run_dir} has no {WEIGHTS_FILE}; is it a trainer run dir?")
+        raise RunDirError(f"{run_dir}: no {WEIGHTS_FILE} (the run has no trained weights; did training finish?)")
     try:
         network = build_network(config)
     except (KeyError, TypeError, ValueError) as error:
@@ -119,20 +78,29 @@ def load_serving_model(run_dir: str | os.PathLike) -> tuple[ServingModel, dict]:
     return model, config
 
 
-def read_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / CONFIG_FILE
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """config.json of a run dir, checked for what every consumer relies on."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: not a directory (expected a run dir written by `trainer`)")
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no {CONFIG_FILE}; is it a trainer run dir?")
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RunDirError(f"{path} is not valid JSON: {error}") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunDirError(f"{path} is not readable JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise RunDirError(f"{path} is not a JSON object")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise RunDirError(f"{path} has format_version {version!r}; this trainer reads {FORMAT_VERSION}")
-    missing = [k for k in ("architecture", "class_names", "input", "normalization") if k not in config]
+    missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise RunDirError(f"{path} lacks {', '.join(missing)}")
+    tta = config["serving"].get("tta") if isinstance(config["serving"], dict) else None
+    if tta not in TTA_MODES:
+        raise RunDirError(f"{path}: serving.tta is {tta!r}, expected one of {', '.join(TTA_MODES)}")
     return config
 
 

@@ -22,7 +22,18 @@ from rich.console import Console
 from rich.table import Table
 
 from ensemble_serving.datasets import DATA_DIR_ENV, DATASET_NAMES, DatasetChecksumWarning, DatasetError
-from trainer.recipes import ARCHITECTURES_FOR, DEFAULT_ARCHITECTURE, RECIPES, architecture_of, get_recipe
+from trainer.recipes import (
+    ARCHITECTURES_FOR,
+    DEFAULT_ARCHITECTURE,
+    FLIPS,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECIPES,
+    SCHEDULES,
+    TTA_MODES,
+    architecture_of,
+    get_recipe,
+)
 
 # soft_wrap: long lines stay whole in log files instead of breaking at 80 columns.
 # Wide tables when writing to a log file instead of rich's 80-column default.
@@ -34,7 +45,7 @@ class OneLineErrors(click.Group):
 
     def main(self, args=None, prog_name=None, **kwargs):
         from trainer.checkpoint import RunDirError
-        from trainer.train import TrainerError, TrainingInterrupted
+        from trainer.errors import TrainerError, TrainingInterrupted
 
         try:
             result = super().main(args=args, prog_name=prog_name or "trainer", standalone_mode=False, **kwargs)
@@ -101,7 +112,7 @@ def _parse_widths(_ctx, _param, value: str | None) -> list[int] | None:
 @click.option("--name", default=None, help="Run name prefix; run dirs are NAME-s<seed>. Default: <dataset>-<arch>.")
 @click.option("--epochs", type=int, help="Epochs (recipe default if omitted; see `trainer recipes`).")
 @click.option("--batch-size", type=int, help="Global batch size (split over processes under torchrun).")
-@click.option("--optimizer", type=click.Choice(["sgd", "muon", "adam", "adamw"]),
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS),
               help="sgd (with momentum), muon (Muon on conv filters, SGD on the rest) or Adam/AdamW.")  # fmt: skip
 @click.option("--lr", type=float, help="Peak learning rate (mean loss, this batch size).")
 @click.option("--muon-lr", type=float, help="With --optimizer muon: step length of the orthogonalized filter updates.")
@@ -109,17 +120,17 @@ def _parse_widths(_ctx, _param, value: str | None) -> list[int] | None:
 @click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum for SGD.")
 @click.option("--weight-decay", type=float, help="L2 weight decay (decoupled for AdamW).")
 @click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing in [0, 1).")
-@click.option("--schedule", type=click.Choice(["onecycle", "cosine", "step", "constant"]),
+@click.option("--schedule", type=click.Choice(SCHEDULES),
               help="LR schedule after warmup: onecycle (linear up/down), cosine, step (x0.1 at 50%, 75%).")  # fmt: skip
 @click.option("--warmup", type=float, help="Warmup length as a fraction of all steps.")
 @click.option("--translate", type=int, help="Augmentation: random shift of up to N pixels (0 = off).")
-@click.option("--flip", type=click.Choice(["none", "random", "alternating"]), help="Augmentation: horizontal flips.")
+@click.option("--flip", type=click.Choice(FLIPS), help="Augmentation: horizontal flips.")
 @click.option("--cutout", type=int, help="Augmentation: zero a random NxN square (0 = off).")
 @click.option("--widths", callback=_parse_widths,
               help="Channel widths of the network's conv stages, comma-separated (airbench: 64,256,256; "
                    "airbench95's wider net: 128,384,384). Same count as the recipe's.")  # fmt: skip
 @click.option("--lookahead/--no-lookahead", default=None, help="Lookahead slow weights (airbench).")
-@click.option("--tta", type=click.Choice(["none", "hflip", "hflip_translate"]),
+@click.option("--tta", type=click.Choice(TTA_MODES),
               help="Test-time augmentation inside the served graph: average logits over the mirror image "
                    "(hflip), and also over 1-pixel shifts (hflip_translate, 6 views).")  # fmt: skip
 @click.option("--val-fraction", type=float, default=0.0, show_default=True,
@@ -127,7 +138,7 @@ def _parse_widths(_ctx, _param, value: str | None) -> list[int] | None:
                    "used for the final figure.")  # fmt: skip
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the validation split.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Autocast: auto = bf16 on CPUs with bf16 units, bf16/fp16 AMP on CUDA.")  # fmt: skip
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True, help="NHWC memory format.")
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms only (slower on GPU).")
@@ -146,7 +157,10 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
     """
     import torch
 
-    from trainer.train import RunSpec, TrainerError, load_datasets, setup_environment, train_run
+    from trainer.data import load_datasets
+    from trainer.environment import setup_environment
+    from trainer.errors import TrainerError
+    from trainer.train import RunSpec, train_run
 
     recipe = architecture or DEFAULT_ARCHITECTURE[dataset]
     if recipe not in ARCHITECTURES_FOR[dataset] and os.environ.get("RANK", "0") == "0":
@@ -181,7 +195,6 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
 
 
 _AUGMENTATION_KEYS = ("translate", "flip", "cutout")
-_HYPER_KEYS = {"lookahead": "lookahead"}
 
 
 def _apply_overrides(recipe: dict, overrides: dict) -> dict:
@@ -197,7 +210,7 @@ def _apply_overrides(recipe: dict, overrides: dict) -> dict:
                                          param_hint="'--widths'")  # fmt: skip
             recipe["arch_args"]["widths"] = value
         else:
-            recipe[_HYPER_KEYS.get(key, key)] = value
+            recipe[key] = value
     return recipe
 
 
@@ -237,7 +250,7 @@ def _print_summary(results: list[dict], test_set, output_dir: Path, prefix: str)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Data directory (as for train).")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="val: the validation images the run held out (its --val-fraction and --split-seed).")  # fmt: skip
-@click.option("--tta", type=click.Choice(["none", "hflip", "hflip_translate"]), default=None,
+@click.option("--tta", type=click.Choice(TTA_MODES), default=None,
               help="Evaluate with this test-time augmentation instead of the run's own (to choose one on val).")  # fmt: skip
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading absent data files.")
 def evaluate(run_dir, data_dir, split, tta, no_download):
@@ -245,9 +258,11 @@ def evaluate(run_dir, data_dir, split, tta, no_download):
     import torch
 
     from ensemble_serving.metrics import confusion_matrix, per_class_metrics
-    from trainer.checkpoint import load_serving_model, serving_model_from
-    from trainer.data import split_train_validation
-    from trainer.train import TrainerError, load_datasets, predict
+    from trainer.checkpoint import load_serving_model
+    from trainer.data import load_datasets, split_train_validation
+    from trainer.errors import TrainerError
+    from trainer.serving import serving_model_from
+    from trainer.train import predict
 
     model, config = load_serving_model(run_dir)
     if tta is not None:

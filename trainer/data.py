@@ -1,4 +1,4 @@
-"""Training data: normalization constants, the train/validation split, augmentation, batching.
+"""Training data: loading, normalization constants, the train/validation split, augmentation, batching.
 
 The whole data set lives in memory as one uint8 tensor (CIFAR-10 is 150 MB), and each
 epoch's augmentation runs on it in a few whole-tensor operations, in place of a
@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ensemble_serving.datasets import Dataset, DatasetError, load_dataset
+from trainer.errors import TrainerError
 
 # Per-channel statistics of the training sets on the 0..1 pixel scale (the usual published
 # values; the serving module bakes them into the graph, so clients never see them).
@@ -70,6 +73,41 @@ class Normalizer:
     def __call__(self, images: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
         x = (images.float() - self.mean) * self.scale
         return x.contiguous(memory_format=memory_format)
+
+
+# --------------------------------------------------------------------------- the run's data
+
+
+@dataclass
+class PreparedData:
+    class_names: list[str]
+    train_images: torch.Tensor  # uint8 NCHW, on the device
+    train_labels: torch.Tensor
+    val_images_nhwc: np.ndarray  # uint8 NHWC (what the serving model takes)
+    val_labels: np.ndarray
+    test: Dataset
+
+
+def load_datasets(dataset: str, data_dir, download: bool) -> tuple[Dataset, Dataset]:
+    try:
+        return load_dataset(dataset, "train", data_dir, download), load_dataset(dataset, "test", data_dir, download)
+    except DatasetError as error:
+        raise TrainerError(str(error)) from None
+
+
+def prepare_data(train: Dataset, test: Dataset, val_fraction: float, split_seed: int, device: torch.device) -> PreparedData:
+    """The training images on the device, the validation split held out (uint8 NHWC, for the serving model)."""
+    train_idx, val_idx = split_train_validation(train.labels, val_fraction, split_seed)
+    if val_fraction > 0 and len(val_idx) == 0:
+        raise TrainerError(f"--val-fraction {val_fraction} leaves no validation images out of {len(train)}")
+    return PreparedData(
+        class_names=train.class_names,
+        train_images=to_nchw_tensor(train.images[train_idx]).to(device),
+        train_labels=torch.from_numpy(train.labels[train_idx]).to(device),
+        val_images_nhwc=train.images[val_idx],
+        val_labels=train.labels[val_idx],
+        test=test,
+    )
 
 
 # --------------------------------------------------------------------------- augmentation

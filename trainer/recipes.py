@@ -14,6 +14,18 @@ Choose changes on the validation split (--val-fraction), never on the test set.
 from __future__ import annotations
 
 import copy
+import math
+
+from trainer.errors import TrainerError
+
+# The values a recipe entry (and its command-line option) may take. train.py validates
+# against these and cli.py offers them as choices; this module needs no torch, so
+# `trainer --help` stays fast.
+OPTIMIZERS = ("sgd", "muon", "adam", "adamw")
+SCHEDULES = ("onecycle", "cosine", "step", "constant")
+FLIPS = ("none", "random", "alternating")
+TTA_MODES = ("none", "hflip", "hflip_translate")  # test-time augmentation inside the served graph
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast, chosen per run rather than per recipe
 
 RECIPES: dict[str, dict] = {
     # LeNet-style on MNIST: a few epochs of SGD reach >= 99.3% in well under two minutes.
@@ -179,3 +191,41 @@ def get_recipe(architecture: str) -> dict:
     recipe.update(copy.deepcopy(RECIPES[architecture]))
     recipe.pop("architecture", None)  # which network: architecture_of()
     return recipe
+
+
+def validate(h: dict, val_fraction: float, precision: str, n_images: int, image_size: int, world_size: int) -> None:
+    """Refuse settings that cannot train, with the one line that says why (h: a recipe with overrides)."""
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise TrainerError(message)
+
+    need(0 <= val_fraction < 1, f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_train = n_images - int(round(n_images * val_fraction))
+    need(isinstance(h["epochs"], int) and h["epochs"] >= 1, f"--epochs must be a whole number >= 1, got {h['epochs']}")
+    need(h["batch_size"] >= 1, f"--batch-size must be >= 1, got {h['batch_size']}")
+    need(h["batch_size"] % world_size == 0,
+         f"--batch-size {h['batch_size']} must divide evenly over the {world_size} processes")  # fmt: skip
+    need(h["batch_size"] <= n_train,
+         f"--batch-size {h['batch_size']} is larger than the {n_train} training images")  # fmt: skip
+    need(math.isfinite(h["lr"]) and h["lr"] > 0, f"--lr must be a positive number, got {h['lr']}")
+    need(h["optimizer"] in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {h['optimizer']!r}")
+    need(h["schedule"] in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {h['schedule']!r}")
+    need(0 <= h["momentum"] < 1, f"--momentum must be in [0, 1), got {h['momentum']}")
+    need(not (h["nesterov"] and h["optimizer"] == "sgd" and h["momentum"] == 0),
+         "Nesterov SGD needs --momentum > 0 (or pass --no-nesterov)")  # fmt: skip
+    need(h["muon_lr"] > 0 and 0 <= h["muon_momentum"] < 1,
+         f"muon_lr must be > 0 and muon_momentum in [0, 1), got {h['muon_lr']} and {h['muon_momentum']}")  # fmt: skip
+    need(isinstance(h["whiten_bias_epochs"], int) and h["whiten_bias_epochs"] >= 0,
+         f"whiten_bias_epochs must be a whole number >= 0, got {h['whiten_bias_epochs']}")  # fmt: skip
+    need(h["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {h['weight_decay']}")
+    need(0 <= h["label_smoothing"] < 1, f"--label-smoothing must be in [0, 1), got {h['label_smoothing']}")
+    need(0 <= h["warmup"] <= 1, f"--warmup is a fraction of training in [0, 1], got {h['warmup']}")
+    need(0 < h["step_gamma"] <= 1, f"step_gamma must be in (0, 1], got {h['step_gamma']}")
+    aug = h["augmentation"]
+    need(0 <= aug["translate"] < image_size, f"--translate must be in [0, {image_size}), got {aug['translate']}")
+    need(0 <= aug["cutout"] <= image_size, f"--cutout must be in [0, {image_size}], got {aug['cutout']}")
+    need(aug["flip"] in FLIPS, f"--flip must be one of {', '.join(FLIPS)}, got {aug['flip']!r}")
+    need(precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
+    need(h["tta"] in TTA_MODES, f"--tta must be one of {', '.join(TTA_MODES)}, got {h['tta']!r}")
+    need(h["eval_batch_size"] >= 1, f"eval_batch_size must be >= 1, got {h['eval_batch_size']}")

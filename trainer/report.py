@@ -1,7 +1,9 @@
-"""The training record in a run dir: per-epoch metrics, curves, confusion matrix, per-class table."""
+"""The training record in a run dir (per-epoch metrics, curves, confusion matrix, per-class
+table) and its live counterpart on the terminal, EpochProgress."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -101,3 +103,53 @@ def save_comparison_png(runs: list[dict], path: Path, target: float | None, budg
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------- progress display
+
+
+class EpochProgress:
+    """A rich progress bar per epoch (on a terminal) and one plain line per epoch (always)."""
+
+    def __init__(self, console, enabled: bool):
+        self.console, self.enabled = console, enabled
+
+    @contextlib.contextmanager
+    def epoch(self, epoch: int, epochs: int, steps: int, start_step: int):
+        if not (self.enabled and self.console.is_terminal):
+            yield _NoBar()
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = [TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            task = progress.add_task("train", total=steps, completed=start_step, loss=float("nan"), acc=0.0)
+            yield _Bar(progress, task)
+
+    def epoch_done(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        val = ""
+        if row["val_accuracy"] is not None:
+            val = f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
+        self.console.print(
+            f"epoch {row['epoch']:3d}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_accuracy']:.2%}{val}  {row['epoch_seconds']:.1f}s",
+            highlight=False,
+        )
+
+
+class _Bar:
+    def __init__(self, progress, task):
+        self.progress, self.task = progress, task
+
+    def advance(self, totals) -> None:  # tensor [loss sum, correct, count] so far
+        loss, correct, count = totals.tolist()
+        self.progress.update(self.task, advance=1, loss=loss / count, acc=correct / count)
+
+
+class _NoBar:
+    def advance(self, totals) -> None:  # tensor [loss sum, correct, count] so far
+        pass

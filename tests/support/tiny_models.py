@@ -1,6 +1,6 @@
 """A tiny model repository built with onnx.helper (no torch, no training).
 
-The models have the project's serving signature (DESIGN.md §3): members take
+The models have the project's serving signature (docs/design.md §3): members take
 `images` UINT8 [N, H, W, C] and return `probabilities` FP32 [N, classes] (scale to
 0..1, one linear layer, softmax); the averaging model takes `probabilities_0..k-1`
 and returns their mean; the ensemble wires them together. Small enough that a server

@@ -8,11 +8,11 @@ the ensemble NAME, with the exporter's parity checks. About ten seconds on one c
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
+
+from tests.support.datasets import write_mnist_split
 
 NAME = "tiny"
 IMAGE = 28
@@ -21,23 +21,14 @@ TINY_LENET = {"widths": [4, 8], "hidden": 16, "dropout": 0.0}
 MAX_BATCH_SIZE = 16
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
 def write_digit_like_data(root: Path, seed: int = 0) -> Path:
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for prefix, count in (("train", TRAIN_IMAGES), ("t10k", TEST_IMAGES)):
+    for split, count in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
         labels = rng.integers(0, 10, count)
         images = rng.integers(0, 60, (count, IMAGE, IMAGE), dtype=np.uint8)
         for image, label in zip(images, labels):
             image[2 + 2 * label: 4 + 2 * label, 4:24] = 255
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        write_mnist_split(root, split, images, labels)
     return root
 
 
@@ -47,7 +38,8 @@ def train_tiny_run(run_dir: Path, data_dir: Path, seed: int) -> Path:
 
     from ensemble_serving.datasets import load_dataset
     from trainer.recipes import get_recipe
-    from trainer.train import Environment, RunSpec, train_run
+    from trainer.environment import Environment
+    from trainer.train import RunSpec, train_run
 
     recipe = get_recipe("lenet")
     recipe.update(epochs=1, batch_size=32, arch_args=TINY_LENET, eval_batch_size=256, warmup=0.0)

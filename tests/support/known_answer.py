@@ -21,11 +21,11 @@ Hand-computed answers:
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
+
+from tests.support.datasets import write_mnist_split
 
 NUM_CLASSES = 10
 CLASS_NAMES = [str(i) for i in range(NUM_CLASSES)]
@@ -71,14 +71,7 @@ def images(height: int = 28, width: int = 28, channels: int = 1) -> np.ndarray:
 
 def write_mnist_test_split(data_dir: Path, images_nhwc: np.ndarray, labels: np.ndarray) -> Path:
     """Write MNIST/raw/t10k-*-ubyte.gz (IDX) so that load_dataset('mnist') reads these images."""
-    raw = Path(data_dir) / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    count, height, width, _ = images_nhwc.shape
-    image_bytes = struct.pack(">HBBIII", 0, 0x08, 3, count, height, width) + images_nhwc.tobytes()
-    label_bytes = struct.pack(">HBBI", 0, 0x08, 1, count) + labels.astype(np.uint8).tobytes()
-    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(image_bytes))
-    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(label_bytes))
-    return Path(data_dir)
+    return write_mnist_split(data_dir, "test", images_nhwc, labels)
 
 
 def known_answer_onnx(height: int = 28, width: int = 28, channels: int = 1):
