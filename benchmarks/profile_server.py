@@ -8,7 +8,12 @@ concurrency, and meanwhile records the server with `py-spy record --native --rat
 twice: once as a flame graph (SVG), once as collapsed stacks. The collapsed stacks are
 split by what each sample was doing (the deepest frame that names a part, see PARTS),
 and divided by the requests served during the recording: CPU microseconds per request
-per part. Idle threads (waiting on a lock, a socket) are not sampled: this is CPU time.
+per part. Samples of waiting threads (on a lock, the GIL, a socket) are left out.
+py-spy slows what it samples (a lot, on one event-loop thread), so the shares come from
+the samples and the total from the kernel: the server's CPU per request in a window
+without py-spy (/proc). py-spy sees only the threads Python knows: onnxruntime's own pool
+threads are invisible to it, so for a compute-bound model the "onnxruntime" share is the
+calling thread's part only.
 
 py-spy slows the server while it samples, so the split is what to read, not the speed.
 Needs py-spy (`pip install py-spy`) and perf_analyzer. Run on purpose, on a quiet machine.
@@ -24,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from perf_common import DEFAULT_PERF_ANALYZER, ROOT, ServerProcess, our_server_command
@@ -36,10 +42,10 @@ PARTS = [
     ("numpy copies and views", r"numpy/|_multiarray_umath|PyArray_|npy_"),
     ("metrics and statistics", r"prometheus_client/|server/metrics\.py|server/statistics\.py"),
     ("batcher", r"server/batcher\.py|server/ensemble\.py"),
-    ("thread hops (locks, wake-ups)", r"threading\.py|concurrent/futures|asyncio/|futex|pthread_cond|sem_wait|"
-                                      r"PyThread_acquire_lock|PyThread_release_lock|take_gil|drop_gil"),
+    ("event loop and thread hops", r"threading\.py|concurrent/futures|asyncio/|_asynciomodule|futex|pthread_cond|"
+                                   r"sem_wait|sem_post|eventfd|PyThread_acquire_lock|PyThread_release_lock|take_gil|drop_gil"),
     ("our request code (servicer, codec)", r"server/servicer\.py|server/request_codec\.py|server/http"),
-    ("grpc C-core and its Python layer", r"grpc|cygrpc|libgrpc|epoll|tcp_|chttp2|absl|sendmsg|recvmsg"),
+    ("grpc C-core and its Python layer", r"grpc|cygrpc|libgrpc|epoll|tcp_|chttp2|absl|sendmsg|recvmsg|recv \(|sock_"),
 ]
 _COMPILED = [(part, re.compile(pattern)) for part, pattern in PARTS]
 OTHER = "other (interpreter, GC, kernel)"
@@ -103,30 +109,31 @@ def profile_model(args, model: str, workdir: Path) -> dict:
                                                  args.seconds, stop))  # fmt: skip
     try:
         loader.start()
-        py_spy(server.process.pid, 3, args.rate, workdir / "warmup.txt", "raw").wait()  # load reaches steady state
+        time.sleep(3)  # the load reaches a steady state
+        # py-spy slows the process it samples: the CPU per request comes from a window without it.
+        before = server.snapshot()
+        time.sleep(args.seconds)
+        after = server.snapshot()
+        cpu_us = 1e6 * (after.cpu_s - before.cpu_s) / max(after.inferences[model] - before.inferences[model], 1)
         svg = args.out / f"flame-{model}-c{args.concurrency}.svg"
         recorder = py_spy(server.process.pid, args.seconds, args.rate, svg, "flamegraph")
         recorder.wait()
         collapsed = args.out / f"stacks-{model}-c{args.concurrency}.txt"
-        before = server.snapshot()
         recorder = py_spy(server.process.pid, args.seconds, args.rate, collapsed, "raw")
         _, errors = recorder.communicate()
-        after = server.snapshot()
         if recorder.returncode != 0:
             raise SystemExit(f"py-spy failed: {errors.decode()[-1000:]}")
     finally:
         stop.set()
         loader.join()
         server.stop()
-    requests = max(after.inferences[model] - before.inferences[model], 1)
+    requests = after.inferences[model] - before.inferences[model]
     parts, off_cpu = split_samples(collapsed)
     on_cpu = sum(parts.values())
-    # The shares come from the samples, the total from the kernel's CPU accounting (/proc).
-    cpu_us = 1e6 * (after.cpu_s - before.cpu_s) / requests
     split = {part: cpu_us * parts.get(part, 0) / max(on_cpu, 1) for part, _ in [*PARTS, (OTHER, "")]}
-    print(f"\n{model} at concurrency {args.concurrency}: {requests} requests in {args.seconds} s under py-spy; "
-          f"server CPU {cpu_us:.0f} us per request (all threads, /proc); samples: {on_cpu} on CPU "
-          f"({on_cpu / args.rate / args.seconds:.2f} cores), {off_cpu} waiting")
+    print(f"\n{model} at concurrency {args.concurrency}: {requests / args.seconds:.0f} requests/s without py-spy, "
+          f"server CPU {cpu_us:.0f} us per request (all threads, /proc); py-spy samples: {on_cpu} on CPU, "
+          f"{off_cpu} waiting")
     for part, us in sorted(split.items(), key=lambda item: -item[1]):
         print(f"  {part:<38} {us:8.1f} us  {100 * us / max(cpu_us, 1e-9):5.1f} %")
     print(f"  flame graph: {svg}")

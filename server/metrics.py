@@ -1,4 +1,4 @@
-"""Prometheus metrics on the metrics port (DESIGN.md §5).
+"""Prometheus metrics on the metrics port (docs/design.md §5).
 
 Names follow Prometheus conventions (base units, `_total` counters, `_seconds`
 histograms) and carry `model` and `version` labels:

@@ -26,28 +26,12 @@ from ensemble_serving.model_config import (
     datatype_name,
     load_model_config,
 )
+from ensemble_serving.tensors import NUMPY_DTYPES
 
 ONNX_PLATFORMS = {"onnxruntime_onnx"}
 ONNX_BACKENDS = {"onnxruntime"}
 ENSEMBLE_PLATFORM = "ensemble"
 DEFAULT_MODEL_FILENAME = "model.onnx"
-
-# Protocol datatype name -> numpy dtype (BYTES is handled apart: it has no fixed width).
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
-
 
 class RepositoryError(Exception):
     """The repository, or a model in it, cannot be served as it is."""

@@ -15,34 +15,16 @@ classification extension).
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
+from ensemble_serving.tensors import CONTENTS_DTYPES, CONTENTS_FIELD, serialize_bytes
 from server.repository import ModelSpec, TensorSpec
 
 Tensors = dict[str, np.ndarray]
-
-# Which InferTensorContents field carries each datatype (FP16/BF16 travel raw only).
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}  # fmt: skip
-# The numpy type each typed field decodes to before narrowing to the tensor's dtype.
-_FIELD_DTYPE = {
-    "bool_contents": np.bool_, "int_contents": np.int32, "int64_contents": np.int64,
-    "uint_contents": np.uint32, "uint64_contents": np.uint64, "fp32_contents": np.float32,
-    "fp64_contents": np.float64,
-}  # fmt: skip
 
 # The output parameter asking for top-k classes: "classification" is what Triton and
 # tritonclient (InferRequestedOutput(name, class_count=k)) send; "class_count" is accepted too.
@@ -117,7 +99,7 @@ def _from_contents(tensor, expected: TensorSpec, shape: list[int]) -> np.ndarray
     if len(values) != count:
         raise invalid(f"input {tensor.name!r} has {len(values)} values in contents.{field}; "
                       f"shape {shape} needs {count}")
-    array = np.fromiter(values, dtype=_FIELD_DTYPE[field], count=count)
+    array = np.fromiter(values, dtype=CONTENTS_DTYPES[field], count=count)
     if array.dtype != expected.dtype:
         info = np.iinfo(expected.dtype)
         if count and (array.min() < info.min or array.max() > info.max):
@@ -187,11 +169,6 @@ def _class_count(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> int
                 raise invalid(f"output {output.name!r}: parameter {key!r} is {count}; expected at least 1")
             return count
     return 0
-
-
-def serialize_bytes(items: list[bytes]) -> bytes:
-    """BYTES tensor wire format: each element as a 4-byte little-endian length, then its bytes."""
-    return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
 def classify(scores: np.ndarray, class_count: int, labels: tuple[str, ...]) -> tuple[bytes, list[int]]:

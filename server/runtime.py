@@ -18,21 +18,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ensemble_serving.tensors import ONNX_TYPES
 from server.repository import ModelSpec, RepositoryError, TensorSpec
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-
-# onnxruntime's element type strings -> protocol datatype names.
-_ONNX_TYPES = {
-    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
-}  # fmt: skip
-
 
 class DeviceError(Exception):
     """The requested device cannot be used (a start-up error)."""
@@ -106,7 +98,7 @@ def _session_options(settings: SessionSettings) -> ort.SessionOptions:
 
 
 def _check_tensor(kind: str, spec: TensorSpec, onnx_type: str, onnx_shape: list, batching: bool, model: str) -> None:
-    datatype = _ONNX_TYPES.get(onnx_type, onnx_type)
+    datatype = ONNX_TYPES.get(onnx_type, onnx_type)
     if datatype != spec.datatype:
         raise RepositoryError(f"model {model!r}: {kind} {spec.name!r} is {spec.datatype} in config.pbtxt "
                               f"but {datatype} in the ONNX graph")
