@@ -12,8 +12,10 @@ For every model and concurrency it
   3. reads ModelStatistics before and after, which says which batch sizes the dynamic
      batcher formed for each ONNX model involved (an ensemble: its members and the average);
 then, with the server stopped so that it has the CPU to itself,
-  4. times onnxruntime in this process on the same model files with the server's
-     session options (server.runtime.OnnxModel) at exactly those batch sizes, and
+  4. times onnxruntime in this process on the same model files at exactly those batch
+     sizes, with the fastest session options measured here (spinning threads: 1.8x the
+     images/s of non-spinning ones at batch 16 on the CIFAR-10 net; --baseline-no-spinning
+     to compare with the server's own options instead), and
   5. prints server throughput / in-process throughput: how much of the model's own
      speed survives the protocol, the queueing and the Python around it. For an
      ensemble the in-process time is the sum over its models (run one after another).
@@ -25,13 +27,8 @@ perf_analyzer: ../shared/tools/install-perf-analyzer (or --perf-analyzer PATH).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,18 +36,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from perf_common import DEFAULT_PERF_ANALYZER, ROOT, ServerProcess, our_server_command, run_perf_analyzer
 
-from ensemble_serving.protocol import grpc_service_pb2 as pb  # noqa: E402
-from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+sys.path.insert(0, str(ROOT))
 from server.repository import load_order, scan_repository  # noqa: E402
 from server.runtime import OnnxModel, SessionSettings  # noqa: E402
-
-DEFAULT_PERF_ANALYZER = Path.home() / ".cache" / "perf-analyzer" / "perf_analyzer"
 
 
 @dataclass
@@ -83,90 +75,6 @@ class Measurement:
         counts = next(iter(self.batches.values()), {})
         executions = sum(counts.values())
         return sum(size * n for size, n in counts.items()) / executions if executions else 0.0
-
-
-# --------------------------------------------------------------------------- the server
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class ServerProcess:
-    def __init__(self, repository: Path, models: list[str], batching: bool, extra: list[str], log_path: Path):
-        self.port, self.metrics_port = _free_port(), _free_port()
-        command = [sys.executable, "-m", "server", "--model-repository", str(repository), "--host", "127.0.0.1",
-                   "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port),
-                   "--dynamic-batching" if batching else "--no-dynamic-batching", *extra]
-        for model in models:
-            command += ["--model", model]
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        self._wait_ready()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"server exited ({self.process.returncode}):\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if self.stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"server not ready after {timeout} s; log: {self.log_path}")
-
-    def snapshot(self) -> tuple[dict[str, Counter], dict[str, int], float]:
-        """(model -> Counter{batch size: executions}, model -> inference_count, process CPU seconds)."""
-        stats = self.stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=30)
-        batches = {entry.name: Counter({batch.batch_size: batch.compute_infer.count for batch in entry.batch_stats})
-                   for entry in stats.model_stats}
-        inferences = {entry.name: entry.inference_count for entry in stats.model_stats}
-        return batches, inferences, _cpu_seconds(self.process.pid)
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
-        self._log.close()
-
-
-# --------------------------------------------------------------------------- perf_analyzer
-def run_perf_analyzer(perf_analyzer: Path, server: ServerProcess, model: str, concurrency: int,
-                      measurement_ms: int, stability: int, workdir: Path) -> tuple[float, float, float, bool]:
-    """(infer/s, p50 ms, p99 ms, stable). When the machine is too noisy for perf_analyzer's
-    stability criterion, it is measured again accepting any three windows (stable=False)."""
-    report = workdir / f"{model}-c{concurrency}.csv"
-    for percentage in (stability, 1000):
-        command = [str(perf_analyzer), "-m", model, "-i", "grpc", "-u", server.address,
-                   "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(measurement_ms),
-                   "-s", str(percentage), "--max-trials", "10", "-f", str(report)]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode == 0 and report.exists():
-            break
-        if "stable measurement" not in result.stdout + result.stderr:
-            raise SystemExit(f"perf_analyzer failed for {model} at concurrency {concurrency}:\n"
-                             f"{' '.join(command)}\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    else:
-        raise SystemExit(f"perf_analyzer found no stable measurement for {model} at concurrency {concurrency}")
-    with open(report, newline="") as handle:
-        row = next(csv.DictReader(handle))
-    return (float(row["Inferences/Second"]), float(row["p50 latency"]) / 1000, float(row["p99 latency"]) / 1000,
-            percentage == stability)
 
 
 # --------------------------------------------------------------------------- in process
@@ -229,22 +137,24 @@ def measure(args, batching: bool, timer: InProcessTimer, workdir: Path) -> list[
     """perf_analyzer runs against one server; right after each (the server idle), onnxruntime
     in process on the batches that run formed, so that both see the same machine load."""
     mode = "on" if batching else "off"
-    server = ServerProcess(args.model_repository, args.model, batching, args.server_flag,
-                           workdir / f"server-batching-{mode}.log")
+    flags = [*args.server_flag, "--dynamic-batching" if batching else "--no-dynamic-batching"]
+    flags += [part for model in args.model for part in ("--model", model)]
+    server = ServerProcess(our_server_command(args.model_repository, flags), workdir / f"server-batching-{mode}.log")
     results = []
     try:
         for model in args.model:
             onnx_models = onnx_models_of(args.model_repository, model)
             for concurrency in [c for c in args.concurrency for _ in range(args.repeat)]:
-                batches_before, inferences_before, cpu_before = server.snapshot()
-                throughput, p50, p99, stable = run_perf_analyzer(args.perf_analyzer, server, model, concurrency,
-                                                                 args.measurement_ms, args.stability, workdir)
-                batches_after, inferences_after, cpu_after = server.snapshot()
-                batches = {name: dict(sorted((batches_after[name] - batches_before.get(name, Counter())).items()))
+                before = server.snapshot()
+                perf = run_perf_analyzer(args.perf_analyzer, server.address, model, concurrency, workdir,
+                                         measurement_ms=args.measurement_ms, stability=args.stability)
+                after = server.snapshot()
+                batches = {name: dict(sorted((after.batches[name] - before.batches.get(name, Counter())).items()))
                            for name in onnx_models}
-                inferences = inferences_after[model] - inferences_before.get(model, 0)
-                result = Measurement(model, mode, concurrency, throughput, p50, p99, stable, batches,
-                                     server_cpu_ms=1000 * (cpu_after - cpu_before) / max(inferences, 1))
+                inferences = after.inferences[model] - before.inferences.get(model, 0)
+                throughput, p50, p99 = perf.throughput, perf.p50_ms, perf.p99_ms
+                result = Measurement(model, mode, concurrency, throughput, p50, p99, perf.stable, batches,
+                                     server_cpu_ms=1000 * (after.cpu_s - before.cpu_s) / max(inferences, 1))
                 result.in_process, result.in_process_cpu_ms = timer.measure(batches)
                 results.append(result)
                 print(f"  {model:<20} batching {mode:<3} concurrency {concurrency:>3}: {throughput:9.1f} infer/s  "
@@ -299,16 +209,14 @@ def main() -> None:
     parser.add_argument("--stability", type=int, default=50, help="perf_analyzer stability percentage")
     parser.add_argument("--intra-op-threads", type=int, default=0,
                         help="onnxruntime threads, for the server and the in-process baseline alike")
-    parser.add_argument("--spinning", action="store_true", help="onnxruntime busy-waiting (server and in process)")
+    parser.add_argument("--spinning", action="store_true", help="onnxruntime busy-waiting in the server")
+    parser.add_argument("--baseline-spinning", action=argparse.BooleanOptionalAction, default=True,
+                        help="onnxruntime busy-waiting in the in-process baseline (default: on, the fastest)")
     parser.add_argument("--server-flag", action="append", default=[],
                         help="extra flag for the server (repeatable), e.g. --server-flag=--max-queue-delay-us=500")
     parser.add_argument("--in-process-budget-s", type=float, default=0.4,
                         help="in-process timing budget per model and batch size")
-    # The installer's wrapper first: tritonclient's wheel also drops a perf_analyzer into the
-    # venv's bin/, which cannot start without libcudart.
-    parser.add_argument("--perf-analyzer", type=Path,
-                        default=DEFAULT_PERF_ANALYZER if DEFAULT_PERF_ANALYZER.exists()
-                        else Path(shutil.which("perf_analyzer") or DEFAULT_PERF_ANALYZER))
+    parser.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PERF_ANALYZER)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -317,7 +225,8 @@ def main() -> None:
     if not os.access(args.perf_analyzer, os.X_OK):
         raise SystemExit(f"no perf_analyzer at {args.perf_analyzer}; run ../shared/tools/install-perf-analyzer")
 
-    timer = InProcessTimer(args.model_repository, SessionSettings("auto", args.intra_op_threads, 0, args.spinning),
+    timer = InProcessTimer(args.model_repository,
+                           SessionSettings("auto", args.intra_op_threads, 0, args.baseline_spinning),
                            args.in_process_budget_s)
     with tempfile.TemporaryDirectory(prefix="perf-server-") as tmp:
         workdir = Path(tmp)
@@ -325,7 +234,8 @@ def main() -> None:
         for batching in {"on": [True], "off": [False], "both": [True, False]}[args.batching]:
             print(f"server with dynamic batching {'on' if batching else 'off'}: {args.model_repository} "
                   f"(onnxruntime intra-op threads {args.intra_op_threads or 'default'}, "
-                  f"spinning {'on' if args.spinning else 'off'}, same in process)", flush=True)
+                  f"spinning {'on' if args.spinning else 'off'}; in process: spinning "
+                  f"{'on' if args.baseline_spinning else 'off'})", flush=True)
             results += measure(args, batching, timer, workdir)
     print_table(results)
     if args.json:

@@ -1,10 +1,10 @@
 """Dynamic batching: concurrent requests for one model version become one onnxruntime call.
 
-The callers are coroutines on the server's event loop (gRPC and HTTP handlers). `submit`
-puts a request in a bounded FIFO queue and returns its `Ticket`; `result` awaits its
-answer. Each model instance (config.pbtxt instance_group count) is one thread that takes
-batches from the queue, runs onnxruntime (which releases the GIL) and hands the answers
-of the whole batch back to the loop in one call: one thread hop there and one back.
+The callers are gRPC worker threads (and the HTTP bridge). `submit` puts a request in a
+bounded FIFO queue and returns its `Ticket`; `result` blocks the caller until the ticket is
+answered. Each model instance (config.pbtxt instance_group count) is one thread that
+takes batches from the queue, runs onnxruntime (which releases the GIL) and answers the
+tickets of the batch: a request crosses one thread and back, with no event loop between.
 
 Batch forming follows Triton's rule: take requests from the front until the next one
 would push the batch past max_batch_size; if fewer elements than that are queued, first
@@ -14,15 +14,14 @@ with a delay of 0.
 
 - Full queue: the new request is refused at once with RESOURCE_EXHAUSTED.
 - A request whose deadline passes while it is queued is dropped before compute; its
-  caller gets DEADLINE_EXCEEDED at its deadline, also when its batch is computing then.
-  A caller that goes away (client cancel) withdraws its request from the queue at once.
+  caller gets DEADLINE_EXCEEDED. A request whose call ends (client cancel) is withdrawn
+  from the queue at once (`withdraw`, through the call's `CallScope`).
 - A failed execution fails the requests of that batch with INTERNAL; the thread goes on.
 - Without dynamic batching every request is its own execution, through the same queue.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
@@ -39,6 +38,10 @@ from server.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
+# Ticket states; every change happens under the batcher's lock.
+_QUEUED, _TAKEN, _DONE = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class BatchingPolicy:
     max_batch_size: int  # 0: the model has no batch dimension
@@ -49,27 +52,53 @@ class BatchingPolicy:
 
 
 class Ticket:
-    """One request in a batcher: its inputs, and the future its answer goes to."""
+    """One request in a batcher: its inputs, then its outputs or its error."""
 
-    __slots__ = ("inputs", "batch_size", "deadline", "arrival_ns", "future", "queued")
+    __slots__ = ("inputs", "batch_size", "deadline", "arrival_ns", "outputs", "error", "state", "_answered",
+                 "on_answer")  # fmt: skip
 
-    def __init__(self, inputs: Tensors, batch_size: int, deadline: float | None, future: asyncio.Future):
+    def __init__(self, inputs: Tensors, batch_size: int, deadline: float | None):
         self.inputs = inputs
         self.batch_size = batch_size
-        self.deadline = deadline  # time.monotonic() seconds (the event loop's clock), or None
+        self.deadline = deadline  # time.monotonic() seconds, or None
         self.arrival_ns = time.monotonic_ns()
-        self.future = future
-        self.queued = True  # set False, under the batcher's lock, when it leaves the queue
+        self.outputs: Tensors | None = None
+        self.error: InferenceError | None = None
+        self.state = _QUEUED
+        # A plain lock, held until the ticket is answered: the cheapest one-shot signal
+        # between threads that Python has.
+        self._answered = threading.Lock()
+        self._answered.acquire()
+        self.on_answer: Callable[[Ticket], None] | None = None  # for callers on an event loop
+
+    def answer(self, outputs: Tensors | None, error: InferenceError | None = None) -> None:
+        self.outputs, self.error, self.state = outputs, error, _DONE
+        self._answered.release()
+        if self.on_answer is not None:
+            self.on_answer(self)
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once answered; False when `timeout` seconds passed first."""
+        return self._answered.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
 
 
-def _settle(tickets: list[Ticket], outputs: list[Tensors] | None, error: InferenceError | None) -> None:
-    """On the event loop: answer tickets whose callers still wait."""
-    for index, ticket in enumerate(tickets):
-        if not ticket.future.done():
-            if error is None:
-                ticket.future.set_result(outputs[index])
-            else:
-                ticket.future.set_exception(error)
+class CallScope:
+    """The tickets one client call holds, so that ending the call withdraws them all.
+    gRPC runs `cancel` when the call ends for any reason; answered tickets ignore it."""
+
+    __slots__ = ("_tickets", "cancelled")
+
+    def __init__(self) -> None:
+        self._tickets: list[tuple[DynamicBatcher, Ticket]] = []
+        self.cancelled = False
+
+    def hold(self, batcher: DynamicBatcher, ticket: Ticket) -> None:
+        self._tickets.append((batcher, ticket))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for batcher, ticket in self._tickets:
+            batcher.withdraw(ticket, InferenceError(grpc.StatusCode.CANCELLED, "the call ended before its answer"))
 
 
 class DynamicBatcher:
@@ -89,22 +118,20 @@ class DynamicBatcher:
         self._arrived = threading.Condition(self._lock)
         self._closed = False
         self._threads: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._gathers = policy.dynamic and policy.max_batch_size > 0
         self._batch_limit = policy.max_batch_size if self._gathers else 1
         metrics.pending.set_function(lambda: len(self._queue))
 
     def start(self) -> None:
-        """Start the instance threads; answers go to the running event loop."""
-        self._loop = asyncio.get_running_loop()
         for instance in range(self.policy.instances):
             thread = threading.Thread(target=self._serve, name=f"{self.name}-v{self.version}-{instance}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
-    # -- callers' side (on the event loop) --------------------------------------------------
-    def submit(self, inputs: Tensors, batch_size: int, deadline: float | None) -> Ticket:
-        ticket = Ticket(inputs, batch_size, deadline, self._loop.create_future())
+    # -- callers' side ---------------------------------------------------------------------
+    def submit(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None
+               ) -> Ticket:  # fmt: skip
+        ticket = Ticket(inputs, batch_size, deadline)
         with self._lock:
             if self._closed:
                 raise InferenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -116,36 +143,35 @@ class DynamicBatcher:
             self._queue.append(ticket)
             self._queued_elements += batch_size
             self._arrived.notify()
+        if scope is not None:
+            scope.hold(self, ticket)
         return ticket
 
-    async def result(self, ticket: Ticket) -> Tensors:
-        """The ticket's outputs. At its deadline it is withdrawn and the caller gets
-        DEADLINE_EXCEEDED, even when its batch is still computing (the answer is dropped)."""
-        try:
-            if ticket.deadline is None:
-                return await ticket.future
-            async with asyncio.timeout_at(ticket.deadline):
-                return await ticket.future
-        except TimeoutError:
-            self.withdraw(ticket)
-            raise self._expired(ticket) from None
-        except asyncio.CancelledError:  # the caller went away: free its place in the queue now
-            self.withdraw(ticket)
-            raise
+    def result(self, ticket: Ticket) -> Tensors:
+        """Block until `ticket` is answered; at its deadline, withdraw it (if still queued)."""
+        timeout = None if ticket.deadline is None else ticket.deadline - time.monotonic()
+        if not ticket.wait(timeout):
+            self.withdraw(ticket, self._expired(ticket))
+            ticket.wait(None)  # answered now: by the withdrawal, or by its execution if that began first
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.outputs
 
-    async def infer(self, inputs: Tensors, batch_size: int, deadline: float | None) -> Tensors:
-        return await self.result(self.submit(inputs, batch_size, deadline))
+    def infer(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None
+              ) -> Tensors:  # fmt: skip
+        return self.result(self.submit(inputs, batch_size, deadline, scope))
 
-    def withdraw(self, ticket: Ticket) -> None:
-        """Take a ticket out of the queue (counted as failed); one already taken into a
-        batch, or answered, is left as it is."""
+    def withdraw(self, ticket: Ticket, error: InferenceError) -> None:
+        """Take a ticket out of the queue and answer it with `error`; a ticket already
+        taken into a batch is left to its execution."""
         with self._lock:
-            if not ticket.queued:
+            if ticket.state != _QUEUED:
                 return
             self._queue.remove(ticket)
             self._queued_elements -= ticket.batch_size
-            ticket.queued = False
-        self._stats.record_failure(time.monotonic_ns() - ticket.arrival_ns)
+            self._stats.record_failure(time.monotonic_ns() - ticket.arrival_ns)
+            ticket.state = _TAKEN
+        ticket.answer(None, error)
 
     def _expired(self, ticket: Ticket) -> InferenceError:
         waited_ms = (time.monotonic_ns() - ticket.arrival_ns) / 1e6
@@ -173,9 +199,15 @@ class DynamicBatcher:
                 if self._gathers and self.policy.max_queue_delay_s > 0:
                     self._wait_for_fuller_batch()
                 batch, expired = self._take_batch()
-                for ticket in expired:
+                for ticket in expired:  # answered outside the loop below: it holds the lock
                     self._stats.record_failure(time.monotonic_ns() - ticket.arrival_ns)
-                    self._answer([ticket], None, self._expired(ticket))
+                if expired:
+                    self._lock.release()
+                    try:
+                        for ticket in expired:
+                            ticket.answer(None, self._expired(ticket))
+                    finally:
+                        self._lock.acquire()
                 if batch:
                     return batch
 
@@ -198,13 +230,13 @@ class DynamicBatcher:
             if ticket.deadline is not None and now >= ticket.deadline:
                 expired.append(self._queue.popleft())
                 self._queued_elements -= ticket.batch_size
-                ticket.queued = False
+                ticket.state = _TAKEN
                 continue
             if batch and elements + ticket.batch_size > self._batch_limit:
                 break
             self._queue.popleft()
             self._queued_elements -= ticket.batch_size
-            ticket.queued = False
+            ticket.state = _TAKEN
             batch.append(ticket)
             elements += ticket.batch_size
         return batch, expired
@@ -218,18 +250,16 @@ class DynamicBatcher:
             failure = InferenceError(grpc.StatusCode.INTERNAL, f"model {self.name!r} failed to execute: {error}")
             finished_ns = time.monotonic_ns()
             self._stats.record_failures([finished_ns - ticket.arrival_ns for ticket in batch])
-            self._answer(batch, None, failure)
+            for ticket in batch:
+                ticket.answer(None, failure)
             return
         finished_ns = time.monotonic_ns()
-        self._answer(batch, outputs, None)
+        for ticket, ticket_outputs in zip(batch, outputs):
+            ticket.answer(ticket_outputs)
         queued_ns = [started_ns - ticket.arrival_ns for ticket in batch]
         elements = sum(ticket.batch_size for ticket in batch)
         self._stats.record_batch(elements, timings, queued_ns, [finished_ns - ticket.arrival_ns for ticket in batch])
         self._metrics.record_batch(elements, sum(timings) / 1e9, queued_ns)
-
-    def _answer(self, tickets: list[Ticket], outputs: list[Tensors] | None, error: InferenceError | None) -> None:
-        """From an instance thread: settle the tickets on the event loop, in one hop."""
-        self._loop.call_soon_threadsafe(_settle, tickets, outputs, error)
 
     def _compute(self, batch: list[Ticket]) -> tuple[list[Tensors], tuple[int, int, int]]:
         """Form the batch, run the model, split the results."""
@@ -253,17 +283,16 @@ class DynamicBatcher:
         return split, (formed - start, computed - formed, done - computed)
 
     def close(self) -> None:
-        """Stop the instance threads after the executions under way; fail what is still queued.
-        Blocks until the threads have ended: call it from a worker thread, not the loop."""
+        """Stop the instance threads after the executions under way; fail what is still queued."""
         with self._lock:
             self._closed = True
             queued = list(self._queue)
             self._queue.clear()
             self._queued_elements = 0
             for ticket in queued:
-                ticket.queued = False
+                ticket.state = _TAKEN
             self._arrived.notify_all()
-        if queued:
-            self._answer(queued, None, InferenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
+        for ticket in queued:
+            ticket.answer(None, InferenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
         for thread in self._threads:
             thread.join()

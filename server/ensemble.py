@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from server.batcher import DynamicBatcher
+from server.batcher import CallScope, DynamicBatcher
 from server.repository import ModelSpec
 from server.request_codec import Tensors
 from server.statistics import ModelStats
@@ -22,7 +22,8 @@ from server.statistics import ModelStats
 class Scheduler(Protocol):
     """What the servicer calls: a DynamicBatcher or an EnsembleScheduler."""
 
-    async def infer(self, inputs: Tensors, batch_size: int, deadline: float | None) -> Tensors: ...
+    def infer(self, inputs: Tensors, batch_size: int, deadline: float | None,
+              scope: CallScope | None = None) -> Tensors: ...  # fmt: skip
 
     def close(self) -> None: ...
 
@@ -51,24 +52,21 @@ class EnsembleScheduler:
         self._waves = _waves(spec)
         self._stats = stats
 
-    async def infer(self, inputs: Tensors, batch_size: int, deadline: float | None) -> Tensors:
+    def infer(self, inputs: Tensors, batch_size: int, deadline: float | None,
+              scope: CallScope | None = None) -> Tensors:  # fmt: skip
         start = time.monotonic_ns()
         tensors = dict(inputs)
         try:
             for wave in self._waves:
                 tickets = []
-                try:
-                    for index in wave:
-                        step_inputs = {member_input: tensors[source]
-                                       for member_input, source in self.spec.steps[index].input_map.items()}
-                        tickets.append((index, self._members[index].submit(step_inputs, batch_size, deadline)))
-                    for index, ticket in tickets:
-                        outputs = await self._members[index].result(ticket)
-                        tensors.update({target: outputs[member_output]
-                                        for member_output, target in self.spec.steps[index].output_map.items()})
-                finally:  # a step that failed (or a caller gone) leaves no sibling queued
-                    for index, ticket in tickets:
-                        self._members[index].withdraw(ticket)
+                for index in wave:
+                    step_inputs = {member_input: tensors[source]
+                                   for member_input, source in self.spec.steps[index].input_map.items()}
+                    tickets.append(self._members[index].submit(step_inputs, batch_size, deadline, scope))
+                for index, ticket in zip(wave, tickets):
+                    outputs = self._members[index].result(ticket)
+                    tensors.update({target: outputs[member_output]
+                                    for member_output, target in self.spec.steps[index].output_map.items()})
         except Exception:
             self._stats.record_failure(time.monotonic_ns() - start)
             raise

@@ -20,23 +20,23 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class HealthReporter:
-    def __init__(self, server: grpc.aio.Server):
-        self._servicer = health.aio.HealthServicer()
+    def __init__(self, server: grpc.Server):
+        self._servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
 
-    async def starting(self, model_names: list[str]) -> None:
+    def starting(self, model_names: list[str]) -> None:
         for service in ["", INFERENCE_SERVICE, *model_names]:
-            await self._servicer.set(service, NOT_SERVING)
+            self._servicer.set(service, NOT_SERVING)
 
-    async def serving(self, model_names: list[str]) -> None:
+    def serving(self, model_names: list[str]) -> None:
         for service in ["", INFERENCE_SERVICE, *model_names]:
-            await self._servicer.set(service, SERVING)
+            self._servicer.set(service, SERVING)
 
-    async def shutting_down(self) -> None:
-        await self._servicer.enter_graceful_shutdown()
+    def shutting_down(self) -> None:
+        self._servicer.enter_graceful_shutdown()
 
 
-def enable_reflection(server: grpc.aio.Server) -> None:
+def enable_reflection(server: grpc.Server) -> None:
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )

@@ -134,7 +134,7 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Reject calls without a valid bearer token with UNAUTHENTICATED (health stays open)."""
 
     def __init__(self, tokens: Iterable[str], open_method_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES,
@@ -154,8 +154,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         matches = [hmac.compare_digest(candidate, known) for known in self._tokens]
         return any(matches)
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(self._open_method_prefixes):
             return handler
@@ -179,8 +179,8 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcM
     The request deserializer is dropped: an unauthenticated caller's bytes are never parsed.
     """
 
-    async def reject(request_or_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+    def reject(request_or_iterator, context: grpc.ServicerContext):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
     serialize = handler.response_serializer
     if handler.request_streaming and handler.response_streaming:

@@ -1,14 +1,14 @@
 """The `inference.GRPCInferenceService` implementation (KServe v2 / Triton over gRPC).
 
-Every RPC answers from the registry and the server state, on the server's event loop
-(grpc.aio). ModelInfer decodes the request (server.request_codec), awaits the model's
-scheduler (batcher or ensemble) and encodes the answer. Failures become gRPC statuses with a one-line message; nothing a client
+Every RPC answers from the registry and the server state, on the gRPC worker thread
+that received it. ModelInfer decodes the request (server.request_codec), hands it to the
+model's scheduler (batcher or ensemble), waits for the answer on that same thread and
+encodes it. Failures become gRPC statuses with a one-line message; nothing a client
 sends can take the server down.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -18,6 +18,7 @@ import grpc
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.batcher import CallScope
 from server.metrics import ServerMetrics
 from server.request_codec import InferenceError, decode_request, encode_response
 from server.registry import ModelRegistry
@@ -72,20 +73,17 @@ _OUTCOME = {
 }
 
 
-# We answer DEADLINE_EXCEEDED ourselves this long before the call's deadline, so that gRPC
-# never has to cancel the call: through grpcio 1.85 every grpc.aio call that gRPC ends by
-# its deadline leaks about 80 bytes (grpc/grpc#43360; see server/app.py).
-DEADLINE_MARGIN_S = 0.001
-# A remaining time this long, or longer, is no deadline (grpcio reports "none" as huge).
+# grpcio's thread-pool server reports a call without a deadline as one this far away, or
+# further (and a lock wait that long overflows): no deadline.
 _NO_DEADLINE_S = 365 * 24 * 3600.0
 
 
-def _answer_by(context) -> float | None:
-    """When to have answered at the latest, on time.monotonic()'s clock, or None."""
+def _deadline(context) -> float | None:
+    """The call's deadline on time.monotonic()'s clock, or None."""
     remaining = context.time_remaining()
     if remaining is None or remaining >= _NO_DEADLINE_S:
         return None
-    return time.monotonic() + remaining - DEADLINE_MARGIN_S
+    return time.monotonic() + remaining
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -96,37 +94,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.version = _server_version()
 
     # -- server ------------------------------------------------------------------------
-    async def ServerLive(self, request, context):
+    def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.state.ready and not self.state.draining)
 
-    async def ServerMetadata(self, request, context):
+    def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
 
     # -- models ------------------------------------------------------------------------
-    async def ModelReady(self, request, context):
+    def ModelReady(self, request, context):
         try:
             self.state.registry.get(request.name, request.version)
         except InferenceError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.state.ready and not self.state.draining)
 
-    async def ModelMetadata(self, request, context):
+    def ModelMetadata(self, request, context):
         try:
             return self.state.registry.metadata(request.name, request.version)
         except InferenceError as error:
-            await context.abort(error.code, error.message)
+            context.abort(error.code, error.message)
 
-    async def ModelConfig(self, request, context):
+    def ModelConfig(self, request, context):
         try:
             model = self.state.registry.get(request.name, request.version)
         except InferenceError as error:
-            await context.abort(error.code, error.message)
+            context.abort(error.code, error.message)
         return pb.ModelConfigResponse(config=model.config)
 
-    async def ModelStatistics(self, request, context):
+    def ModelStatistics(self, request, context):
         log.debug("ModelStatistics name=%r version=%r", request.name, request.version)
         registry = self.state.registry
         try:
@@ -138,10 +136,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 registry.get(request.name)  # NOT_FOUND for an unknown name
                 models = list(registry.versions(request.name).values())
         except InferenceError as error:
-            await context.abort(error.code, error.message)
+            context.abort(error.code, error.message)
         return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
 
-    async def RepositoryIndex(self, request, context):
+    def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
         for name in self.repository.names:
             loaded = self.state.registry.versions(name)
@@ -154,7 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     # -- inference ---------------------------------------------------------------------
-    async def ModelInfer(self, request, context):
+    def ModelInfer(self, request, context):
         start = time.perf_counter()
         state = self.state
         model = None
@@ -166,28 +164,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                      else "the server is not ready: models are still loading")
             model = state.registry.get(request.model_name, request.model_version)
             decoded = decode_request(request, model.spec)
-            outputs = await model.scheduler.infer(decoded.inputs, decoded.batch_size, _answer_by(context))
+            deadline = _deadline(context)
+            scope = CallScope()
+            # Runs when the call ends for any reason: a client that cancelled, or whose
+            # deadline passed, leaves the queues at once.
+            context.add_callback(scope.cancel)
+            outputs = model.scheduler.infer(decoded.inputs, decoded.batch_size, deadline, scope)
             response = encode_response(request, model.spec, model.version, outputs, decoded.outputs)
         except InferenceError as error:
-            self._count(model, _OUTCOME.get(error.code, "internal"), start)
-            await context.abort(error.code, error.message)  # raises: ends the call with that status
-        except asyncio.CancelledError:
-            # The client cancelled (or its deadline passed first); gRPC has answered it.
-            self._count(model, self._outcome(context), start)
-            raise
+            self._count(model, self._outcome(error, context), start)
+            context.abort(error.code, error.message)  # raises: ends the call with that status
         except Exception as error:  # a bug must cost one request, not the server
             log.exception("ModelInfer %s failed", request.model_name)
             self._count(model, "internal", start)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
         finally:
             state.end_request()
         self._count(model, "success", start)
         return response
 
     @staticmethod
-    def _outcome(context) -> str:
-        remaining = context.time_remaining()
-        return "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+    def _outcome(error: InferenceError, context) -> str:
+        if error.code == grpc.StatusCode.CANCELLED:
+            # The call ended first: by the client's cancel, or by its deadline.
+            remaining = context.time_remaining()
+            return "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+        return _OUTCOME.get(error.code, "internal")
 
     def _count(self, model, outcome: str, start: float) -> None:
         if model is None:

@@ -1,7 +1,7 @@
 """TLS, mutual TLS and bearer tokens: server/security.py and client/security.py.
 
-The unit part runs a real grpc.aio server (as the real server runs) on a free port, in a
-thread of this process, with a minimal ServerLive servicer and the standard health service, so the
+The unit part runs a real gRPC thread-pool server on a free port (in this process)
+with a minimal ServerLive servicer and the standard health service, so the
 credentials and the interceptor are exercised over real sockets and real handshakes.
 Certificates are generated per test session (tests/support/tls_certificates.py).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent import futures
 from contextlib import contextmanager
 
 import click
@@ -42,15 +43,15 @@ def pki(tmp_path_factory):
 
 
 class _LiveOnly(pb_grpc.GRPCInferenceServiceServicer):
-    async def ServerLive(self, request, context):
+    def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
 
 class _EventLoopThread:
-    """One asyncio loop in a daemon thread, shared by every test server and aio client here.
+    """One asyncio loop in a daemon thread, for the grpc.aio client test.
 
-    grpc.aio keeps per-process state tied to the loop it first ran on; starting a new
-    loop per server makes later servers hang on stop, so all of them share this one.
+    grpc.aio keeps per-process state tied to the loop it first ran on, so every aio
+    client of this module runs on this one loop.
     """
 
     def __init__(self):
@@ -64,7 +65,7 @@ class _EventLoopThread:
 _loop_thread: _EventLoopThread | None = None
 
 
-def run_on_shared_loop(coroutine):
+def run_on_client_loop(coroutine):
     global _loop_thread
     if _loop_thread is None:
         _loop_thread = _EventLoopThread()
@@ -73,27 +74,22 @@ def run_on_shared_loop(coroutine):
 
 @contextmanager
 def running_server(credentials: grpc.ServerCredentials | None = None, tokens=()):
-    """A grpc.aio server on 127.0.0.1:<free port> on the shared loop; yields the port."""
-
-    async def start():
-        interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
-        server = grpc.aio.server(interceptors=interceptors)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_LiveOnly(), server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        if credentials is None:
-            port = server.add_insecure_port("127.0.0.1:0")
-        else:
-            port = server.add_secure_port("127.0.0.1:0", credentials)
-        await server.start()
-        return server, port
-
-    server, port = run_on_shared_loop(start())
+    """A gRPC thread-pool server (as the real server runs) on 127.0.0.1:<free port>; yields the port."""
+    interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(_LiveOnly(), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
     try:
         yield port
     finally:
-        run_on_shared_loop(server.stop(None))
+        server.stop(None)
 
 
 def server_live(port: int, security: ClientSecurity = ClientSecurity(), metadata=None) -> bool:
@@ -218,9 +214,9 @@ def test_aio_channel_sends_the_token():
             return (await stub.ServerLive(pb.ServerLiveRequest(), timeout=5)).live
 
     with running_server(tokens=[TOKEN]) as port:
-        assert run_on_shared_loop(live(port, ClientSecurity(token=TOKEN)))
+        assert run_on_client_loop(live(port, ClientSecurity(token=TOKEN)))
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            run_on_shared_loop(live(port, ClientSecurity(token="wrong-token-0123456789")))
+            run_on_client_loop(live(port, ClientSecurity(token="wrong-token-0123456789")))
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from server.batcher import BatchingPolicy, DynamicBatcher
+from server.batcher import BatchingPolicy, CallScope, DynamicBatcher
 from server.metrics import ServerMetrics
 from ensemble_serving.tensors import serialize_bytes
 from server.request_codec import InferenceError, classify, decode_request, encode_response
@@ -154,12 +154,17 @@ def test_typed_values_out_of_range_are_refused(member_spec, tiny_repository):
 
 # --- the batcher -----------------------------------------------------------------------------
 def _batcher(run, *, delay_s=0.05, max_batch_size=8, queue=16, dynamic=True):
-    """A started batcher (call inside a running event loop) and its statistics."""
     policy = BatchingPolicy(max_batch_size, delay_s, queue, dynamic)
     stats = ModelStats("m", "1")
     batcher = DynamicBatcher("m", "1", run, policy, stats, ServerMetrics().for_model("m", "1"))
     batcher.start()
     return batcher, stats
+
+
+def _infer_concurrently(batcher, inputs: list[dict]) -> list:
+    """Submit every request before waiting for any (as concurrent callers would), then wait."""
+    tickets = [batcher.submit(tensors, 1, None) for tensors in inputs]
+    return [batcher.result(ticket) for ticket in tickets]
 
 
 def test_batcher_gathers_concurrent_requests_and_splits_results():
@@ -169,14 +174,9 @@ def test_batcher_gathers_concurrent_requests_and_splits_results():
         calls.append(inputs["x"].shape[0])
         return {"y": inputs["x"] * 2}
 
-    async def scenario():
-        batcher, stats = _batcher(run)
-        results = await asyncio.gather(*(batcher.infer({"x": np.full((1, 2), i, np.float32)}, 1, None)
-                                         for i in range(5)))
-        await asyncio.to_thread(batcher.close)
-        return results, stats
-
-    results, stats = asyncio.run(scenario())
+    batcher, stats = _batcher(run)
+    results = _infer_concurrently(batcher, [{"x": np.full((1, 2), i, np.float32)} for i in range(5)])
+    batcher.close()
     assert calls == [5]  # one execution for five requests
     for i, result in enumerate(results):
         np.testing.assert_array_equal(result["y"], np.full((1, 2), 2 * i))
@@ -191,15 +191,13 @@ def test_batcher_respects_max_batch_size_and_disabled_batching():
         sizes.append(inputs["x"].shape[0])
         return {"y": inputs["x"]}
 
-    async def scenario(dynamic):
+    for dynamic in (True, False):
         batcher, _ = _batcher(run, max_batch_size=4, dynamic=dynamic, delay_s=0.01)
-        await asyncio.gather(*(batcher.infer({"x": np.zeros((1, 1))}, 1, None) for _ in range(10)))
-        await asyncio.to_thread(batcher.close)
-
-    asyncio.run(scenario(True))
-    assert max(sizes) <= 4 and sum(sizes) == 10 and len(sizes) < 10
-    sizes.clear()
-    asyncio.run(scenario(False))
+        _infer_concurrently(batcher, [{"x": np.zeros((1, 1))} for _ in range(10)])
+        batcher.close()
+        if dynamic:
+            assert max(sizes) <= 4 and sum(sizes) == 10 and len(sizes) < 10
+            sizes.clear()
     assert sizes == [1] * 10
 
 
@@ -210,47 +208,38 @@ def test_batcher_bounded_queue_and_expired_deadline():
         executed.append(inputs["x"].shape[0])
         return {"y": inputs["x"]}
 
-    async def scenario():
-        batcher, stats = _batcher(run, delay_s=0.2, queue=2)
-        expired = asyncio.ensure_future(batcher.infer({"x": np.zeros((1, 1))}, 1, time.monotonic() + 0.05))
-        fine = asyncio.ensure_future(batcher.infer({"x": np.zeros((1, 1))}, 1, None))
-        await asyncio.sleep(0)
-        with pytest.raises(InferenceError) as full:
-            await batcher.infer({"x": np.zeros((1, 1))}, 1, None)
-        with pytest.raises(InferenceError) as late:
-            await expired
-        await fine
-        await asyncio.to_thread(batcher.close)
-        return full.value, late.value, stats
-
-    full, late, stats = asyncio.run(scenario())
-    assert full.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_size 2" in full.message
-    assert late.code == grpc.StatusCode.DEADLINE_EXCEEDED and "dropped before compute" in late.message
+    batcher, stats = _batcher(run, delay_s=0.2, queue=2)
+    expired = batcher.submit({"x": np.zeros((1, 1))}, 1, time.monotonic() + 0.05)
+    fine = batcher.submit({"x": np.zeros((1, 1))}, 1, None)
+    with pytest.raises(InferenceError) as full:
+        batcher.submit({"x": np.zeros((1, 1))}, 1, None)
+    with pytest.raises(InferenceError) as late:
+        batcher.result(expired)
+    batcher.result(fine)
+    batcher.close()
+    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_size 2" in full.value.message
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "dropped before compute" in late.value.message
     assert executed == [1]  # the expired request never reached the model
     assert stats.fail.count == 2  # the refused one and the expired one (Triton counts both as failures)
 
 
-def test_batcher_withdraws_the_request_of_a_caller_that_went_away():
+def test_batcher_withdraws_the_requests_of_a_cancelled_call():
     executed = []
 
     def run(inputs):
         executed.append(inputs["x"].shape[0])
         return {"y": inputs["x"]}
 
-    async def scenario():
-        batcher, stats = _batcher(run, delay_s=0.2)
-        gone = asyncio.ensure_future(batcher.infer({"x": np.zeros((1, 1))}, 1, None))
-        kept = asyncio.ensure_future(batcher.infer({"x": np.ones((1, 1))}, 1, None))
-        await asyncio.sleep(0.01)
-        gone.cancel()  # what grpc.aio does to the handler of a call the client cancelled
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-        result = await kept
-        await asyncio.to_thread(batcher.close)
-        return result, stats
-
-    result, stats = asyncio.run(scenario())
-    np.testing.assert_array_equal(result["y"], np.ones((1, 1)))
+    batcher, stats = _batcher(run, delay_s=0.2)
+    scope = CallScope()
+    cancelled = batcher.submit({"x": np.zeros((1, 1))}, 1, None, scope)
+    kept = batcher.submit({"x": np.ones((1, 1))}, 1, None)
+    scope.cancel()  # what gRPC does when the call ends early
+    with pytest.raises(InferenceError) as error:
+        batcher.result(cancelled)
+    np.testing.assert_array_equal(batcher.result(kept)["y"], np.ones((1, 1)))
+    batcher.close()
+    assert error.value.code == grpc.StatusCode.CANCELLED
     assert executed == [1] and stats.fail.count == 1
 
 
@@ -258,28 +247,18 @@ def test_batcher_survives_a_failing_model():
     def run(inputs):
         raise RuntimeError("boom")
 
-    async def scenario():
-        batcher, stats = _batcher(run, delay_s=0)
-        with pytest.raises(InferenceError) as error:
-            await batcher.infer({"x": np.zeros((1, 1))}, 1, None)
-        with pytest.raises(InferenceError):  # the instance thread is still there to answer
-            await batcher.infer({"x": np.zeros((1, 1))}, 1, None)
-        await asyncio.to_thread(batcher.close)
-        return error.value, stats
-
-    error, stats = asyncio.run(scenario())
-    assert error.code == grpc.StatusCode.INTERNAL and "boom" in error.message
-    assert stats.fail.count == 2
+    batcher, stats = _batcher(run, delay_s=0)
+    with pytest.raises(InferenceError) as error:
+        batcher.infer({"x": np.zeros((1, 1))}, 1, None)
+    batcher.close()
+    assert error.value.code == grpc.StatusCode.INTERNAL and "boom" in error.value.message
+    assert stats.fail.count == 1
 
 
 def test_closing_a_batcher_fails_what_is_queued():
-    async def scenario():
-        batcher, _ = _batcher(lambda inputs: {"y": inputs["x"]}, delay_s=5.0)
-        queued = asyncio.ensure_future(batcher.infer({"x": np.zeros((1, 1))}, 1, None))
-        await asyncio.sleep(0.01)
-        await asyncio.to_thread(batcher.close)
-        with pytest.raises(InferenceError) as error:
-            await queued
-        return error.value
-
-    assert asyncio.run(scenario()).code == grpc.StatusCode.UNAVAILABLE
+    batcher, _ = _batcher(lambda inputs: {"y": inputs["x"]}, delay_s=5.0)
+    queued = batcher.submit({"x": np.zeros((1, 1))}, 1, None)
+    batcher.close()
+    with pytest.raises(InferenceError) as error:
+        batcher.result(queued)
+    assert error.value.code == grpc.StatusCode.UNAVAILABLE
