@@ -29,8 +29,15 @@ from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.config import ServerSettings
 from server.health import HealthReporter, enable_reflection
 from server.metrics import ServerMetrics
-from server.registry import load_models
-from server.repository import RepositoryError, load_order, load_order_skipping_broken, scan_repository
+from server.registry import ModelRegistry, load_models
+from server.repository import (
+    ModelSpec,
+    Repository,
+    RepositoryError,
+    load_order,
+    load_order_skipping_broken,
+    scan_repository,
+)
 from server.runtime import DeviceError, choose_providers
 from server.security import (
     AUTH_TOKENS_ENV,
@@ -101,55 +108,11 @@ def _security(settings: ServerSettings, metrics: ServerMetrics) -> tuple[grpc.Se
 
 
 async def serve(settings: ServerSettings) -> None:
-    try:
-        repository = scan_repository(settings.model_repository)
-        if settings.strict:
-            specs, failed = load_order(repository, settings.models), None
-        else:
-            specs, failed = load_order_skipping_broken(repository, settings.models)
-            if not specs:
-                raise RepositoryError("no model could be loaded: " + "; ".join(failed.values()))
-        choose_providers(settings.device)  # `--device cuda` without CUDA fails here, before any port opens
-    except (RepositoryError, DeviceError) as error:
-        raise StartupError(str(error)) from None
+    repository, specs, failures = _plan(settings)
     names = [spec.name for spec in specs]
-    for name, reason in repository.errors.items():
-        if name not in names and name not in (failed or {}):
-            log.warning("not loading %s: %s", name, reason)
-
     metrics = ServerMetrics()
-    try:
-        credentials, interceptors = _security(settings, metrics)
-    except SecurityConfigError as error:
-        raise StartupError(str(error)) from None
-    try:
-        metrics.serve(settings.metrics_address, settings.metrics_port)
-    except OSError as error:
-        address = f"{settings.metrics_address}:{settings.metrics_port}"
-        raise StartupError(f"cannot serve metrics on {address}: {error}") from None
-
     state = ServerState()
-    # grpcio's thread-pool server, not grpc.aio. grpc.aio costs less CPU per call (bare, at
-    # concurrency 16 here: 6,300 req/s against 3,800), but through grpcio 1.85 every grpc.aio
-    # call that ends by its deadline or a client's cancel leaks native memory
-    # (grpc/grpc#43360): measured on our server, 100-400 bytes each, even when the server
-    # answers DEADLINE_EXCEEDED before the deadline; the 5-minute soak grew 15 %. The
-    # servicer runs on the worker threads and waits there for its batch: no event loop.
-    server = grpc.server(ThreadPoolExecutor(max_workers=GRPC_WORKER_THREADS, thread_name_prefix="grpc"),
-                         options=_grpc_options(settings), interceptors=interceptors,
-                         maximum_concurrent_rpcs=settings.max_concurrent_rpcs)  # fmt: skip
-    servicer = InferenceServicer(state, repository, metrics)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    health = HealthReporter(server)
-    enable_reflection(server)
-    try:
-        if credentials is None:
-            server.add_insecure_port(settings.grpc_address)
-        else:
-            server.add_secure_port(settings.grpc_address, credentials)
-    except RuntimeError as error:
-        metrics.shutdown()
-        raise StartupError(f"cannot listen for gRPC on {settings.grpc_address}: {error}") from None
+    server, health = _open_ports(settings, state, repository, metrics)
     server.start()
     health.starting(names)
     log.info("gRPC on %s (live, not ready); loading %d model(s) from %s: %s", settings.grpc_address,
@@ -159,19 +122,11 @@ async def serve(settings: ServerSettings) -> None:
     _install_signal_handlers(stop)
     try:
         started = time.perf_counter()
-        loading = asyncio.create_task(load_models(specs, settings, metrics, failed))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not loading.done():  # a signal during loading: leave without serving
-            loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
+        loaded = await _load_unless_stopped(specs, settings, metrics, stop)
+        if loaded is None:  # a signal during loading: leave without serving
             return
-        stopping.cancel()
-        try:
-            state.registry = loading.result()
-        except (RepositoryError, DeviceError) as error:
-            raise StartupError(str(error)) from None
-        names = _report_load_failures(failed or {}, names, repository, metrics)
+        state.registry, load_failures = loaded
+        names = _report_load_failures({**failures, **load_failures}, names, repository, metrics)
         state.ready = True
         metrics.ready.set(1)
         health.serving(names)
@@ -186,17 +141,96 @@ async def serve(settings: ServerSettings) -> None:
     log.info("stopped")
 
 
-def _report_load_failures(failed: dict[str, str], names: list[str], repository, metrics: ServerMetrics) -> list[str]:
-    """Without --strict: one log line and one metric per model that failed to load, its
-    reason shown by RepositoryIndex; returns the names that did load. Nothing loaded at all
-    is still a start-up failure."""
-    for name, reason in failed.items():
+def _plan(settings: ServerSettings) -> tuple[Repository, list[ModelSpec], dict[str, str]]:
+    """Read the repository and check the device before any port opens: the models to
+    load (dependencies first) and, without --strict, {name: reason} for those left out."""
+    try:
+        repository = scan_repository(settings.model_repository)
+        if settings.strict:
+            specs, failures = load_order(repository, settings.models), {}
+        else:
+            specs, failures = load_order_skipping_broken(repository, settings.models)
+            _check_some_model_loads([spec.name for spec in specs], failures)
+        choose_providers(settings.device)  # `--device cuda` without CUDA fails here
+    except (RepositoryError, DeviceError) as error:
+        raise StartupError(str(error)) from None
+    names = [spec.name for spec in specs]
+    for name, reason in repository.errors.items():
+        if name not in names and name not in failures:
+            log.warning("not loading %s: %s", name, reason)
+    return repository, specs, failures
+
+
+def _check_some_model_loads(loaded: list[str], failures: dict[str, str]) -> None:
+    if not loaded:
+        raise StartupError("no model could be loaded: " + "; ".join(failures.values()))
+
+
+def _open_ports(settings: ServerSettings, state: ServerState, repository: Repository,
+                metrics: ServerMetrics) -> tuple[grpc.Server, HealthReporter]:  # fmt: skip
+    """Serve /metrics and bind the gRPC server (not started yet); a bad TLS or token
+    setting, or a port in use, is a StartupError."""
+    try:
+        credentials, interceptors = _security(settings, metrics)
+    except SecurityConfigError as error:
+        raise StartupError(str(error)) from None
+    try:
+        metrics.serve(settings.metrics_address, settings.metrics_port)
+    except OSError as error:
+        address = f"{settings.metrics_address}:{settings.metrics_port}"
+        raise StartupError(f"cannot serve metrics on {address}: {error}") from None
+
+    # grpcio's thread-pool server, not grpc.aio. grpc.aio costs less CPU per call (bare, at
+    # concurrency 16 here: 6,300 req/s against 3,800), but through grpcio 1.85 every grpc.aio
+    # call that ends by its deadline or a client's cancel leaks native memory
+    # (grpc/grpc#43360): measured on our server, 100-400 bytes each, even when the server
+    # answers DEADLINE_EXCEEDED before the deadline; the 5-minute soak grew 15 %. The
+    # servicer runs on the worker threads and waits there for its batch: no event loop.
+    server = grpc.server(ThreadPoolExecutor(max_workers=GRPC_WORKER_THREADS, thread_name_prefix="grpc"),
+                         options=_grpc_options(settings), interceptors=interceptors,
+                         maximum_concurrent_rpcs=settings.max_concurrent_rpcs)  # fmt: skip
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state, repository, metrics), server)
+    health = HealthReporter(server)
+    enable_reflection(server)
+    try:
+        if credentials is None:
+            server.add_insecure_port(settings.grpc_address)
+        else:
+            server.add_secure_port(settings.grpc_address, credentials)
+    except RuntimeError as error:
+        metrics.shutdown()
+        raise StartupError(f"cannot listen for gRPC on {settings.grpc_address}: {error}") from None
+    return server, health
+
+
+async def _load_unless_stopped(specs: list[ModelSpec], settings: ServerSettings, metrics: ServerMetrics,
+                               stop: asyncio.Event) -> tuple[ModelRegistry, dict[str, str]] | None:  # fmt: skip
+    """`load_models`, or None when a signal comes first (the loading is then cancelled)."""
+    loading = asyncio.create_task(load_models(specs, settings, metrics))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
+        return None
+    stopping.cancel()
+    try:
+        return loading.result()
+    except (RepositoryError, DeviceError) as error:
+        raise StartupError(str(error)) from None
+
+
+def _report_load_failures(failures: dict[str, str], names: list[str], repository: Repository,
+                          metrics: ServerMetrics) -> list[str]:  # fmt: skip
+    """Without --strict: one log line and one metric per model left out, its reason shown
+    by RepositoryIndex; returns the names that did load. Nothing loaded at all is still a
+    start-up failure."""
+    for name, reason in failures.items():
         log.error("model %s failed to load and is not served: %s", name, reason)
         metrics.load_failures.labels(model=name).inc()
         repository.errors[name] = reason
-    loaded = [name for name in names if name not in failed]
-    if failed and not loaded:
-        raise StartupError("no model could be loaded: " + "; ".join(failed.values()))
+    loaded = [name for name in names if name not in failures]
+    _check_some_model_loads(loaded, failures)
     return loaded
 
 

@@ -10,8 +10,7 @@ keeping them next to the dataclass means a new setting is added in one file.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -67,9 +66,17 @@ def _env(name: str) -> str:
     return ENV_PREFIX + name.upper().replace("-", "_")
 
 
+# Each default is written once, in ServerSettings; the flags take theirs from there.
+_DEFAULTS = {field.name: field.default for field in fields(ServerSettings) if field.default is not MISSING}
+
+
 def _option(flag: str, *names: str, **kwargs) -> Callable:
-    """A click option that also reads ENSEMBLE_SERVER_<FLAG> and shows it in --help."""
+    """A click option that also reads ENSEMBLE_SERVER_<FLAG> and shows it in --help; its
+    default is that of the ServerSettings field it fills (named in `names`, or the flag's)."""
     env_name = flag.split("/")[0].lstrip("-")
+    field = names[0] if names else env_name.replace("-", "_")
+    if field in _DEFAULTS:
+        kwargs.setdefault("default", _DEFAULTS[field])
     return click.option(flag, *names, envvar=_env(env_name), show_envvar=True, **kwargs)
 
 
@@ -78,64 +85,64 @@ settings_options: list[Callable] = [
             type=click.Path(exists=True, file_okay=False, path_type=Path),
             help="Triton-layout model repository: one folder per model with config.pbtxt and "
                  "numbered version folders holding model.onnx."),
-    _option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
+    _option("--grpc-port", type=click.IntRange(0, 65535), show_default=True,
             help="Port of the KServe v2 / Triton gRPC inference service (plus health and reflection)."),
-    _option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True,
+    _option("--metrics-port", type=click.IntRange(0, 65535), show_default=True,
             help="Port of the Prometheus /metrics endpoint."),
-    _option("--host", default="0.0.0.0", show_default=True, help="Address both ports listen on."),
-    _option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+    _option("--host", show_default=True, help="Address both ports listen on."),
+    _option("--device", type=click.Choice(DEVICES), show_default=True,
             help="auto: CUDA when onnxruntime has it, else CPU (the fallback is logged and shown in "
                  "metrics and ModelConfig). cuda: fail at start-up when CUDA is unavailable."),
     _option("--model", "models", multiple=True,
             help="Load only this model (repeatable; an ensemble brings its steps; the environment "
                  "variable takes names separated by spaces). Default: every model."),
-    _option("--intra-op-threads", type=click.IntRange(0), default=0, show_default=True,
+    _option("--intra-op-threads", type=click.IntRange(0), show_default=True,
             help="onnxruntime threads inside one operator (0: onnxruntime decides)."),
-    _option("--inter-op-threads", type=click.IntRange(0), default=0, show_default=True,
+    _option("--inter-op-threads", type=click.IntRange(0), show_default=True,
             help="onnxruntime threads across independent operators (0: onnxruntime decides)."),
-    _option("--spinning/--no-spinning", "spinning", default=False, show_default=True,
+    _option("--spinning/--no-spinning", "spinning", show_default=True,
             help="Let onnxruntime's threads busy-wait for work: lower latency on a dedicated, idle "
                  "machine; on shared cores it steals CPU from everything else."),
-    _option("--global-thread-pool/--per-session-threads", "global_thread_pool", default=False, show_default=True,
+    _option("--global-thread-pool/--per-session-threads", "global_thread_pool", show_default=True,
             help="One onnxruntime thread pool shared by every model (sized by --intra-op-threads) instead of "
                  "one per model: the members of an ensemble share the cores rather than oversubscribe them."),
-    _option("--max-message-size", type=click.IntRange(1024), default=64 * 1024 * 1024, show_default=True,
+    _option("--max-message-size", type=click.IntRange(1024), show_default=True,
             help="Largest gRPC message, in bytes, sent or received."),
-    _option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+    _option("--log-level", type=click.Choice(LOG_LEVELS), show_default=True,
             help="Log verbosity (logs go to stderr)."),
-    _option("--max-queue-delay-us", type=click.IntRange(0), default=None,
+    _option("--max-queue-delay-us", type=click.IntRange(0),
             help="Override every model's dynamic_batching max_queue_delay_microseconds: how long "
                  "the oldest queued request may wait for a fuller batch."),
-    _option("--max-queue-size", type=click.IntRange(1), default=None,
+    _option("--max-queue-size", type=click.IntRange(1),
             help=f"Override every model's queue bound (requests waiting, not yet computing); "
                  f"beyond it requests get RESOURCE_EXHAUSTED. Default: config.pbtxt's "
                  f"default_queue_policy.max_queue_size, or {DEFAULT_MAX_QUEUE_SIZE} when that is 0."),
-    _option("--dynamic-batching/--no-dynamic-batching", "dynamic_batching", default=True, show_default=True,
+    _option("--dynamic-batching/--no-dynamic-batching", "dynamic_batching", show_default=True,
             help="Gather concurrent requests into one onnxruntime call (models whose config.pbtxt "
                  "has dynamic_batching). Off: every request runs alone."),
-    _option("--grace-period", "grace_period_s", type=click.FloatRange(0), default=30.0, show_default=True,
+    _option("--grace-period", "grace_period_s", type=click.FloatRange(0), show_default=True,
             help="Seconds to finish in-flight requests after SIGTERM/SIGINT before exiting."),
     # -- reliability and security (server/security.py) --
-    _option("--strict/--no-strict", "strict", default=False, show_default=True,
+    _option("--strict/--no-strict", "strict", show_default=True,
             help="A model that fails to load (corrupt ONNX, bad config.pbtxt, missing version folder) "
                  "stops the start-up. Default: it is logged, counted in "
                  "ensemble_server_model_load_failures_total and listed UNAVAILABLE in RepositoryIndex, "
                  "and the other models serve."),
-    _option("--metrics-host", default=None,
+    _option("--metrics-host",
             help="Address the metrics port listens on, e.g. 127.0.0.1 to keep /metrics off the "
                  "network while gRPC listens on --host. Default: --host."),
-    _option("--max-concurrent-rpcs", type=click.IntRange(1), default=None,
+    _option("--max-concurrent-rpcs", type=click.IntRange(1),
             help="Most gRPC calls handled at once (health watches included); beyond it gRPC answers "
                  "RESOURCE_EXHAUSTED. Bounds memory to about this many x --max-message-size. "
                  "Default: unbounded (the per-model queues still bound inference)."),
-    _option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    _option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="Serve gRPC over TLS with this certificate (PEM; with its chain). Needs --tls-key."),
-    _option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    _option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="Private key (PEM) of --tls-cert."),
-    _option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    _option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="Mutual TLS: accept only clients presenting a certificate signed by this CA (PEM). "
                  "Needs --tls-cert and --tls-key."),
-    _option("--auth-tokens-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    _option("--auth-tokens-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="Require 'authorization: Bearer <token>' metadata on every call except grpc.health.v1 "
                  "(others get UNAUTHENTICATED). The file holds one token per line ('#' comments). "
                  "Tokens can also come, comma-separated, from $ENSEMBLE_SERVER_AUTH_TOKENS. "
@@ -147,8 +154,3 @@ def apply_settings_options(command: Callable) -> Callable:
     for option in reversed(settings_options):
         command = option(command)
     return command
-
-
-def settings_from_env() -> dict[str, str]:
-    """The ENSEMBLE_SERVER_* variables set in this environment (for the start-up log)."""
-    return {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIX)}

@@ -153,47 +153,24 @@ def _load_onnx(spec: ModelSpec, version: str, session_settings: SessionSettings)
     return model, time.perf_counter() - start
 
 
-async def load_models(specs: list[ModelSpec], settings: ServerSettings, metrics: ServerMetrics,
-                      failed: dict[str, str] | None = None) -> ModelRegistry:  # fmt: skip
-    """Load `specs` in order (dependencies first). Raises RepositoryError / DeviceError,
-    unless `failed` is given (the server's default, without --strict): then a model that
-    cannot load, and any ensemble that needs it, is left out and its reason recorded in
-    `failed`; the others load. A DeviceError always raises: it concerns every model."""
+async def load_models(specs: list[ModelSpec], settings: ServerSettings,
+                      metrics: ServerMetrics) -> tuple[ModelRegistry, dict[str, str]]:  # fmt: skip
+    """Load `specs` in order (dependencies first); returns the registry and {name: reason}
+    for each model that did not load. With --strict a model that cannot load raises
+    RepositoryError instead; without it, that model and any ensemble that needs it are
+    left out and the others load. A DeviceError always raises: it concerns every model."""
     registry = ModelRegistry()
+    failures: dict[str, str] = {}
     session_settings = SessionSettings(settings.device, settings.intra_op_threads, settings.inter_op_threads,
                                        settings.spinning, settings.global_thread_pool)
-    loop = asyncio.get_running_loop()
     for spec in specs:
-        broken = [step.model_name for step in spec.steps if failed and step.model_name in failed]
+        broken = [step.model_name for step in spec.steps if step.model_name in failures]
         if broken:
-            failed[spec.name] = f"ensemble {spec.name!r} needs model {broken[0]!r}, which failed to load"
+            failures[spec.name] = f"ensemble {spec.name!r} needs model {broken[0]!r}, which failed to load"
             continue
         try:
             for version in spec.versions:
-                model_metrics = metrics.for_model(spec.name, version)
-                stats = ModelStats(spec.name, version)
-                if spec.is_ensemble:
-                    members = [registry.get(step.model_name, step.model_version) for step in spec.steps]
-                    provider = ",".join(sorted({member.provider for member in members}))
-                    scheduler = EnsembleScheduler(spec, [member.scheduler for member in members], stats)
-                    config = effective_config(spec, provider, None)
-                    model_metrics.record_load(0.0, provider, provider)
-                else:
-                    onnx_model, seconds = await loop.run_in_executor(None, _load_onnx, spec, version, session_settings)
-                    provider = onnx_model.provider
-                    policy = batching_policy(spec, settings)
-                    scheduler = DynamicBatcher(spec.name, version, onnx_model.run, policy, stats, model_metrics)
-                    scheduler.start()
-                    config = effective_config(spec, provider, policy)
-                    model_metrics.record_load(seconds, provider, onnx_model.requested_providers[0])
-                    log.info("loaded %s version %s on %s in %.2f s (max_batch_size %d, dynamic batching %s, "
-                             "max queue delay %.0f us, queue bound %d, instances %d)", spec.name, version, provider,
-                             seconds, policy.max_batch_size, "on" if policy.dynamic else "off",
-                             policy.max_queue_delay_s * 1e6, policy.max_queue_size, policy.instances)
-                registry.add(LoadedModel(spec, version, scheduler, stats, model_metrics, provider, config))
-                if spec.is_ensemble:
-                    log.info("loaded ensemble %s version %s: steps %s", spec.name, version,
-                             " -> ".join(step.model_name for step in spec.steps))
+                registry.add(await _load_version(spec, version, registry, settings, session_settings, metrics))
         except DeviceError:
             raise
         except Exception as error:  # corrupt ONNX, a graph that does not match config.pbtxt, a failing warm-up
@@ -201,7 +178,35 @@ async def load_models(specs: list[ModelSpec], settings: ServerSettings, metrics:
                 f"model {spec.name!r}: cannot load: {type(error).__name__}: {error}")
             for model in registry.remove(spec.name):  # versions loaded before the one that failed
                 model.close()
-            if failed is None:
+            if settings.strict:
                 raise RepositoryError(reason) from None
-            failed[spec.name] = reason
-    return registry
+            failures[spec.name] = reason
+    return registry, failures
+
+
+async def _load_version(spec: ModelSpec, version: str, registry: ModelRegistry, settings: ServerSettings,
+                        session_settings: SessionSettings, metrics: ServerMetrics) -> LoadedModel:  # fmt: skip
+    """One version of one model: an ensemble over its members' batchers (already in
+    `registry`), or an ONNX session (created in a worker thread) behind its batcher."""
+    model_metrics = metrics.for_model(spec.name, version)
+    stats = ModelStats(spec.name, version)
+    if spec.is_ensemble:
+        members = [registry.get(step.model_name, step.model_version) for step in spec.steps]
+        provider = ",".join(sorted({member.provider for member in members}))
+        scheduler = EnsembleScheduler(spec, [member.scheduler for member in members], stats)
+        model_metrics.record_load(0.0, provider, provider)
+        log.info("loaded ensemble %s version %s: steps %s", spec.name, version,
+                 " -> ".join(step.model_name for step in spec.steps))
+        return LoadedModel(spec, version, scheduler, stats, model_metrics, provider,
+                           effective_config(spec, provider, None))
+    onnx_model, seconds = await asyncio.to_thread(_load_onnx, spec, version, session_settings)
+    policy = batching_policy(spec, settings)
+    scheduler = DynamicBatcher(spec.name, version, onnx_model.run, policy, stats, model_metrics)
+    scheduler.start()
+    model_metrics.record_load(seconds, onnx_model.provider, onnx_model.requested_providers[0])
+    log.info("loaded %s version %s on %s in %.2f s (max_batch_size %d, dynamic batching %s, "
+             "max queue delay %.0f us, queue bound %d, instances %d)", spec.name, version, onnx_model.provider,
+             seconds, policy.max_batch_size, "on" if policy.dynamic else "off",
+             policy.max_queue_delay_s * 1e6, policy.max_queue_size, policy.instances)
+    return LoadedModel(spec, version, scheduler, stats, model_metrics, onnx_model.provider,
+                       effective_config(spec, onnx_model.provider, policy))

@@ -149,7 +149,12 @@ def test_batches_are_capped_at_the_model_s_max_batch_size():
 def test_variable_size_model_accepts_any_image_size():
     any_size = ImageModel("any", "", "onnx", TensorSpec("images", "UINT8", (-1, -1, -1, 3)),
                           TensorSpec("probabilities", "FP32", (-1, 10)))  # fmt: skip
-    check_dataset_fits(any_size, np.zeros((1, 32, 32, 3), np.uint8), [str(i) for i in range(10)], "cifar10")
+    classes = [str(i) for i in range(10)]
+    for height, width in ((32, 32), (28, 28), (224, 160)):
+        check_dataset_fits(any_size, np.zeros((1, height, width, 3), np.uint8), classes, "cifar10")  # no error
+    # Only height and width are free: the channel count is still checked.
+    with pytest.raises(ClientError, match=r"H, W, C = \?x\?x3\).*\[1, 28, 28, 1\]"):
+        check_dataset_fits(any_size, np.zeros((1, 28, 28, 1), np.uint8), classes, "mnist")
 
 
 def _metadata(inputs, outputs):

@@ -6,7 +6,6 @@ time); the "no network" case points the URLs at a port nothing listens on.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.server
 import io

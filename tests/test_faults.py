@@ -2,7 +2,9 @@
 with broken models. The server must answer each with the right status, keep serving
 everyone else correctly, and leak nothing (the pending-requests gauge returns to 0).
 
-All against real server subprocesses (tests/conftest.py) on the tiny repository.
+All against real server subprocesses (tests/conftest.py) on the tiny repository. The
+per-model queue bound (RESOURCE_EXHAUSTED) and deadlines dropped before compute are
+batcher behaviour, tested in test_server_batching.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from tests.support.metrics import metric, scrape
+from tests.support.metrics import metric, scrape, wait_for_no_pending
 from tests.support.requests import infer_request, probabilities
 
 # A long max queue delay keeps requests queued long enough to cancel them reliably,
@@ -30,21 +32,13 @@ SLOW_BATCHING = ("--max-queue-delay-us", "400000")
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for_no_pending(server, timeout: float = 10.0) -> float:
-    deadline = time.monotonic() + timeout
-    while True:
-        pending = metric(scrape(server), "ensemble_server_pending_requests")
-        if pending == 0 or time.monotonic() > deadline:
-            return pending
-        time.sleep(0.1)
-
-
 def executions(stub, model: str) -> int:
     return stub.ModelStatistics(pb.ModelStatisticsRequest(name=model)).model_stats[0].execution_count
 
 
 @pytest.fixture(scope="module")
-def slow_batching_server(start_server, tiny_repository):
+def cancel_window_server(start_server, tiny_repository):
+    """Requests wait 400 ms in the queue: time enough to cancel them, or to drop their client."""
     return start_server(tiny_repository, *SLOW_BATCHING)
 
 
@@ -52,8 +46,8 @@ def slow_batching_server(start_server, tiny_repository):
 
 
 @pytest.mark.parametrize("target", ["member", "ensemble"])
-def test_cancelled_requests_do_not_disturb_the_rest_of_their_batch(slow_batching_server, tiny_repository, target):
-    server = slow_batching_server
+def test_cancelled_requests_do_not_disturb_the_rest_of_their_batch(cancel_window_server, tiny_repository, target):
+    server = cancel_window_server
     model = tiny_repository.members[0] if target == "member" else tiny_repository.ensemble
     stub = server.stub()
     member = tiny_repository.members[0]
@@ -101,8 +95,8 @@ CLIENT_THAT_DIES = textwrap.dedent("""
 """)
 
 
-def test_a_client_that_dies_mid_request_leaks_nothing(slow_batching_server, tiny_repository):
-    server = slow_batching_server
+def test_a_client_that_dies_mid_request_leaks_nothing(cancel_window_server, tiny_repository):
+    server = cancel_window_server
     model = tiny_repository.ensemble
     survivor_images = tiny_repository.images(3, seed=5)
     stub = server.stub()
@@ -122,49 +116,7 @@ def test_a_client_that_dies_mid_request_leaks_nothing(slow_batching_server, tiny
     assert server.process.poll() is None
 
 
-# --------------------------------------------------------------------------- deadlines, overload, size
-
-
-def test_expired_requests_are_dropped_before_compute(slow_batching_server, tiny_repository):
-    server = slow_batching_server
-    stub = server.stub()
-    member = tiny_repository.members[1]
-    executions_before = executions(stub, member)
-    started = time.perf_counter()
-    with pytest.raises(grpc.RpcError) as error:
-        stub.ModelInfer(infer_request(member, tiny_repository.images(1)), timeout=0.05)
-    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.perf_counter() - started < 0.4  # answered at its deadline, not after the 400 ms batch delay
-    assert wait_for_no_pending(server) == 0
-    time.sleep(0.5)  # past the batch delay: had it been computed, the execution would show now
-    assert executions(stub, member) == executions_before
-    assert metric(scrape(server), "ensemble_server_requests_total", model=member, outcome="deadline_exceeded") >= 1
-
-
-def test_a_full_queue_answers_resource_exhausted_at_once(start_server, tiny_repository):
-    server = start_server(tiny_repository, *SLOW_BATCHING, "--max-queue-size", "2")
-    stub = server.stub()
-    member = tiny_repository.members[0]
-    images = tiny_repository.images(1)
-    calls = [stub.ModelInfer.future(infer_request(member, images), timeout=30) for _ in range(10)]
-    finished_order = []
-    for index, call in enumerate(calls):
-        call.add_done_callback(lambda _call, index=index: finished_order.append(index))
-    codes = []
-    for call in calls:
-        try:
-            call.result()
-            codes.append(grpc.StatusCode.OK)
-        except grpc.RpcError as error:
-            codes.append(error.code())
-            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "max_queue_size 2" in error.details()
-    assert codes.count(grpc.StatusCode.OK) == 2 and codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 8
-    # The refused requests were answered before the queued ones finished their 400 ms wait.
-    accepted = {i for i, code in enumerate(codes) if code == grpc.StatusCode.OK}
-    assert set(finished_order[-2:]) == accepted
-    assert wait_for_no_pending(server) == 0
-    assert probabilities(stub.ModelInfer(infer_request(member, images), timeout=30)).shape == (1, 10)
+# --------------------------------------------------------------------------- overload, size
 
 
 def test_an_oversized_message_is_refused_and_the_server_carries_on(start_server, tiny_repository):

@@ -8,7 +8,6 @@ requests per model (--max-queue-size 8).
 from __future__ import annotations
 
 import signal
-import time
 
 import grpc
 import numpy as np
@@ -16,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
+from tests.support.metrics import metric, scrape, wait_for_no_pending
 from tests.support.requests import infer_request, probabilities
 
 QUEUE_DELAY_US = 500_000
@@ -23,7 +23,7 @@ QUEUE_SIZE = 8
 
 
 @pytest.fixture(scope="module")
-def slow_batching_server(start_server, tiny_repository):
+def batching_server(start_server, tiny_repository):
     return start_server(tiny_repository, "--max-queue-delay-us", str(QUEUE_DELAY_US),
                         "--max-queue-size", str(QUEUE_SIZE))
 
@@ -32,9 +32,14 @@ def statistics(stub, model: str) -> pb.ModelStatistics:
     return stub.ModelStatistics(pb.ModelStatisticsRequest(name=model)).model_stats[0]
 
 
-def send_together(stub, requests: list[pb.ModelInferRequest], timeout: float = 30) -> list:
-    """Send all requests at once; each result is a response or the grpc.RpcError it raised."""
+def send_together(stub, requests: list[pb.ModelInferRequest], timeout: float = 30,
+                  finished: list[int] | None = None) -> list:  # fmt: skip
+    """Send all requests at once; each result is a response or the grpc.RpcError it raised.
+    `finished`, when given, gets each request's index as its answer arrives."""
     futures = [stub.ModelInfer.future(request, timeout=timeout) for request in requests]
+    if finished is not None:
+        for index, future in enumerate(futures):
+            future.add_done_callback(lambda _future, index=index: finished.append(index))
     results = []
     for future in futures:
         try:
@@ -44,8 +49,8 @@ def send_together(stub, requests: list[pb.ModelInferRequest], timeout: float = 3
     return results
 
 
-def test_concurrent_requests_share_executions(slow_batching_server, tiny_repository):
-    stub = slow_batching_server.stub()
+def test_concurrent_requests_share_executions(batching_server, tiny_repository):
+    stub = batching_server.stub()
     member = tiny_repository.members[0]
     images = [tiny_repository.images(1, seed=seed) for seed in range(6)]
     before = statistics(stub, member)
@@ -63,8 +68,8 @@ def test_concurrent_requests_share_executions(slow_batching_server, tiny_reposit
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_concurrent_ensemble_requests_are_batched_per_member(slow_batching_server, tiny_repository):
-    stub = slow_batching_server.stub()
+def test_concurrent_ensemble_requests_are_batched_per_member(batching_server, tiny_repository):
+    stub = batching_server.stub()
     watched = [*tiny_repository.members, tiny_repository.average]
     before = {model: statistics(stub, model) for model in watched}
     responses = send_together(stub, [infer_request(tiny_repository.ensemble, tiny_repository.images(2, seed=s))
@@ -76,38 +81,51 @@ def test_concurrent_ensemble_requests_are_batched_per_member(slow_batching_serve
         assert after.execution_count - before[model].execution_count < 5, model
 
 
-def test_full_queue_answers_resource_exhausted(slow_batching_server, tiny_repository):
-    stub = slow_batching_server.stub()
+def test_a_full_queue_answers_resource_exhausted_at_once(batching_server, tiny_repository):
+    server = batching_server
+    stub = server.stub()
     member = tiny_repository.members[1]
-    results = send_together(stub, [infer_request(member, tiny_repository.images(1)) for _ in range(QUEUE_SIZE + 4)])
-    refused = [result for result in results if isinstance(result, grpc.RpcError)]
-    served = [result for result in results if not isinstance(result, grpc.RpcError)]
-    assert refused, "more requests than the queue holds, yet none was refused"
-    assert len(served) >= QUEUE_SIZE
-    for error in refused:
-        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert f"max_queue_size {QUEUE_SIZE}" in error.details() and member in error.details()
+    finished: list[int] = []
+    results = send_together(stub, [infer_request(member, tiny_repository.images(1)) for _ in range(QUEUE_SIZE + 4)],
+                            finished=finished)  # fmt: skip
+    refused = [index for index, result in enumerate(results) if isinstance(result, grpc.RpcError)]
+    # All sent within the batch delay: the queue takes QUEUE_SIZE, the rest are refused.
+    assert len(refused) == 4 and len(results) - len(refused) == QUEUE_SIZE, results
+    for index in refused:
+        assert results[index].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"max_queue_size {QUEUE_SIZE}" in results[index].details() and member in results[index].details()
+    # The refused requests were answered at once, before the queued ones ended their 0.5 s wait.
+    assert set(finished[:len(refused)]) == set(refused), finished
+    assert wait_for_no_pending(server) == 0
     # Still serving once the queue has drained.
     assert probabilities(stub.ModelInfer(infer_request(member, tiny_repository.images(1)))).shape[0] == 1
 
 
-def test_expired_deadline_is_dropped_before_compute(slow_batching_server, tiny_repository):
-    stub = slow_batching_server.stub()
-    member = tiny_repository.average  # a model no other test here sends to alone
+def test_an_expired_deadline_is_answered_at_once_and_dropped_before_compute(batching_server, tiny_repository):
+    server = batching_server
+    stub = server.stub()
+    member = tiny_repository.members[1]
     before = statistics(stub, member)
-    request = pb.ModelInferRequest(model_name=member)
-    for i in range(len(tiny_repository.members)):
-        request.inputs.add(name=f"probabilities_{i}", datatype="FP32", shape=[1, len(tiny_repository.class_names)])
-        request.raw_input_contents.append(np.full((1, 10), 0.1, np.float32).tobytes())
+    expired_before = metric(scrape(server), "ensemble_server_requests_total", model=member, outcome="deadline_exceeded")
+    patient_images = tiny_repository.images(1, seed=1)
+    patient = stub.ModelInfer.future(infer_request(member, patient_images), timeout=30)
+    hurried = stub.ModelInfer.future(infer_request(member, tiny_repository.images(1, seed=2)),
+                                     timeout=0.1)  # shorter than the 0.5 s the batcher waits  # fmt: skip
     with pytest.raises(grpc.RpcError) as error:
-        stub.ModelInfer(request, timeout=0.1)  # shorter than the 0.5 s the batcher would wait
+        hurried.result()
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # Give the batcher time to have formed (and run) the batch, had it kept the request.
-    time.sleep(QUEUE_DELAY_US / 1e6 + 0.3)
+    # Answered at its deadline, while the batch it would have joined was still gathering.
+    assert not patient.done()
+    np.testing.assert_allclose(probabilities(patient.result()),
+                               tiny_repository.expected_probabilities(member, patient_images), rtol=1e-5, atol=1e-6)
+    # That batch ran the patient request alone: the expired one was dropped before compute.
     after = statistics(stub, member)
-    assert after.execution_count == before.execution_count
-    assert after.inference_count == before.inference_count
-    assert after.inference_stats.fail.count == before.inference_stats.fail.count + 1
+    assert after.execution_count - before.execution_count == 1
+    assert after.inference_count - before.inference_count == 1
+    assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
+    assert wait_for_no_pending(server) == 0
+    expired = metric(scrape(server), "ensemble_server_requests_total", model=member, outcome="deadline_exceeded")
+    assert expired - expired_before == 1
 
 
 def test_without_dynamic_batching_every_request_runs_alone(start_server, tiny_repository):

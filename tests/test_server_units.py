@@ -6,7 +6,6 @@ tests/test_server_*.py files; these pin down the rules that are easier to see al
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import time
 
@@ -58,29 +57,30 @@ def _edit_config(path, old: str, new: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "breakage, expected",
+    "breakage, expected, broken",  # broken: the model the message must name
     [
-        (lambda root, r: (root / r.members[0] / "1" / "model.onnx").unlink(), "missing"),
+        (lambda root, r: (root / r.members[0] / "1" / "model.onnx").unlink(), "missing", lambda r: r.members[0]),
         (lambda root, r: _edit_config(root / r.members[0] / "config.pbtxt", "max_batch_size", "max_batch_sise"),
-         "not a valid Triton ModelConfig"),
+         "not a valid Triton ModelConfig", lambda r: r.members[0]),
         (lambda root, r: _edit_config(root / r.members[0] / "config.pbtxt", f'name: "{r.members[0]}"', 'name: "x"'),
-         "must match the folder name"),
-        (lambda root, r: shutil.rmtree(root / r.average), "needed by ensemble"),
+         "must match the folder name", lambda r: r.members[0]),
+        (lambda root, r: shutil.rmtree(root / r.average), "needed by ensemble", lambda r: r.average),
         (lambda root, r: _edit_config(root / r.ensemble / "config.pbtxt",
                                       'value: "probabilities_1"\n    }\n  }\n  step',
                                       'value: "probabilities_9"\n    }\n  }\n  step'),
-         "neither an ensemble input nor an output of an earlier step"),
+         "neither an ensemble input nor an output of an earlier step", lambda r: r.ensemble),
         (lambda root, r: _edit_config(root / r.members[0] / "config.pbtxt", '"onnxruntime_onnx"', '"tensorrt_plan"'),
-         "is not served"),
+         "is not served", lambda r: r.members[0]),
     ],
     ids=["missing-onnx-file", "config-typo", "name-mismatch", "ensemble-step-missing", "unwired-tensor",
          "unsupported-platform"],
 )
-def test_broken_repository_is_refused_with_the_model_named(repository_copy, tiny_repository, breakage, expected):
+def test_broken_repository_is_refused_with_the_model_named(repository_copy, tiny_repository, breakage, expected,
+                                                           broken):  # fmt: skip
     breakage(repository_copy, tiny_repository)
     with pytest.raises(RepositoryError, match=expected) as error:
         load_order(scan_repository(repository_copy))
-    assert "model" in str(error.value) or "ensemble" in str(error.value)
+    assert repr(broken(tiny_repository)) in str(error.value), str(error.value)
 
 
 def test_onnx_graph_must_match_config(repository_copy, tiny_repository):

@@ -106,7 +106,8 @@ def test_one_epoch_ensemble_writes_complete_run_dirs_that_reload(tiny_mnist, tmp
         assert config["normalization"] == {"mean": [0.1307], "std": [0.3081]}
         assert config["train_samples"] == 480 and config["val_samples"] == 120
         assert config["hyperparameters"]["epochs"] == 1 and config["versions"]["torch"] == torch.__version__
-        assert len(config["metrics"]) and config["training"]["train_seconds"] > 0
+        # train_seconds is rounded to 0.1 s, so a fast epoch may read 0.0: check the epoch ran instead.
+        assert len(config["metrics"]) and config["epochs_completed"] == 1 and config["training"]["train_seconds"] >= 0
 
         # The recorded figure is exactly what the reloaded serving model gives on uint8 images.
         model, loaded_config = load_serving_model(run_dir)

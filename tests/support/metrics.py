@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,3 +30,13 @@ def scrape_families(server) -> dict:
         assert answer.status == 200
         text = answer.read().decode()
     return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def wait_for_no_pending(server, timeout: float = 10.0) -> float:
+    """The server's pending-requests gauge once it reads 0, or its value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = metric(scrape(server), "ensemble_server_pending_requests")
+        if pending == 0 or time.monotonic() > deadline:
+            return pending
+        time.sleep(0.1)

@@ -15,11 +15,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ensemble_serving.datasets import MNIST_CLASSES
 from ensemble_serving.model_config import parse_model_config, save_model_config
 
 NAME = "tiny"
-HEIGHT, WIDTH, CHANNELS = 8, 8, 3
-CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# The signature of tiny_pipeline's repository (MNIST-layout, digit classes), so that tests
+# run the same with and without torch, data-set ones included.
+HEIGHT, WIDTH, CHANNELS = 28, 28, 1
+CLASS_NAMES = tuple(MNIST_CLASSES)
 MEMBERS = 2
 MAX_BATCH_SIZE = 16
 OPSET = 17
@@ -35,7 +38,8 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
 def member_graph(seed: int, classes: int = len(CLASS_NAMES)) -> onnx.GraphProto:
     features = HEIGHT * WIDTH * CHANNELS
     rng = np.random.default_rng(seed)
-    weight = rng.normal(0, 0.5, (features, classes)).astype(np.float32)
+    # Logits of a few units for 0..1 pixels: confident, not saturated, predictions.
+    weight = rng.normal(0, 0.5 * np.sqrt(192 / features), (features, classes)).astype(np.float32)
     bias = rng.normal(0, 0.1, classes).astype(np.float32)
     nodes = [
         helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
