@@ -4,10 +4,12 @@
         --model mnist-m0 --model mnist --model cifar10-m0 --model cifar10 \\
         --concurrency 1,4,16,64 --json vs_triton.json --plot vs_triton.png
 
-Triton (../shared/tools/triton/serve, or --triton PATH) serves the repository first, then
-ours; never both at once, so that each has the machine to itself. For every model and
-concurrency perf_analyzer (gRPC, one random image per request) gives throughput, p50 and
-p99; the server's CPU seconds per request come from /proc (its whole process tree) over
+Triton (../shared/tools/triton/serve, or --triton PATH) and ours serve the same
+repository side by side, on free ports, and are measured one after the other at every
+point (model, concurrency): only one of them has load at any time, and a machine whose
+speed drifts during the run (shared cores do) moves both figures of a ratio alike. The
+idle one uses no CPU. For every point perf_analyzer (gRPC, one random image per request)
+gives throughput, p50 and p99; the server's CPU seconds per request come from /proc (its whole process tree) over
 the same run, with the request count from its ModelStatistics. Then it prints each ratio
 ours / Triton, a table, and writes the JSON and the plot (req/s against concurrency).
 
@@ -47,26 +49,37 @@ def server_command(name: str, args) -> list[str]:
     return our_server_command(args.model_repository, args.server_flag)
 
 
-def measure_server(name: str, args, workdir: Path) -> list[Point]:
+def start_server(name: str, args, workdir: Path) -> ServerProcess:
     cwd = args.ours_root if name == "ours" else ROOT
-    server = ServerProcess(server_command(name, args), workdir / f"{name}.log", cwd=cwd)
+    return ServerProcess(server_command(name, args), workdir / f"{name}.log", cwd=cwd)
+
+
+def measure(name: str, server: ServerProcess, model: str, concurrency: int, args, workdir: Path) -> Point:
+    before = server.snapshot()
+    perf = run_perf_analyzer(args.perf_analyzer, server.address, model, concurrency, workdir,
+                             measurement_ms=args.measurement_ms, stability=args.stability)
+    after = server.snapshot()
+    requests = after.inferences.get(model, 0) - before.inferences.get(model, 0)
+    cpu_ms = 1000 * (after.cpu_s - before.cpu_s) / max(requests, 1)
+    print(f"  {name:<6} {model:<14} c={concurrency:<3} {perf.throughput:9.1f} req/s  "
+          f"p50 {perf.p50_ms:6.2f} ms  p99 {perf.p99_ms:6.2f} ms  CPU {cpu_ms:5.2f} ms/req"
+          + ("" if perf.stable else "  (unstable)"), flush=True)
+    return Point(name, model, concurrency, perf.throughput, perf.p50_ms, perf.p99_ms, cpu_ms, perf.stable)
+
+
+def measure_all(servers: list[str], args, workdir: Path) -> list[Point]:
+    running: dict[str, ServerProcess] = {}
     points = []
     try:
+        for name in servers:
+            print(f"{name}: serving {args.model_repository}", flush=True)
+            running[name] = start_server(name, args, workdir)
         for model in args.model:
             for concurrency in args.concurrency:
-                before = server.snapshot()
-                perf = run_perf_analyzer(args.perf_analyzer, server.address, model, concurrency, workdir,
-                                         measurement_ms=args.measurement_ms, stability=args.stability)
-                after = server.snapshot()
-                requests = after.inferences.get(model, 0) - before.inferences.get(model, 0)
-                cpu_ms = 1000 * (after.cpu_s - before.cpu_s) / max(requests, 1)
-                point = Point(name, model, concurrency, perf.throughput, perf.p50_ms, perf.p99_ms, cpu_ms, perf.stable)
-                points.append(point)
-                print(f"  {name:<6} {model:<14} c={concurrency:<3} {perf.throughput:9.1f} req/s  "
-                      f"p50 {perf.p50_ms:6.2f} ms  p99 {perf.p99_ms:6.2f} ms  CPU {cpu_ms:5.2f} ms/req"
-                      + ("" if perf.stable else "  (unstable)"), flush=True)
+                points += [measure(name, server, model, concurrency, args, workdir) for name, server in running.items()]
     finally:
-        server.stop()
+        for server in running.values():
+            server.stop()
     return points
 
 
@@ -144,11 +157,8 @@ def main() -> None:
     if "triton" in servers and not args.triton.exists():
         raise SystemExit(f"no Triton serve script at {args.triton}; pass --triton PATH")
 
-    points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="vs-triton-") as tmp:
-        for name in servers:
-            print(f"{name}: serving {args.model_repository}", flush=True)
-            points += measure_server(name, args, Path(tmp))
+        points = measure_all(servers, args, Path(tmp))
     rows = ratios(points)
     print_table(rows)
     if args.json:
