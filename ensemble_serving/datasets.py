@@ -1,6 +1,7 @@
-"""Readers for MNIST and CIFAR-10 in torchvision's on-disk layouts, numpy only.
+"""MNIST and CIFAR-10 in torchvision's on-disk layouts: finding, downloading, checking.
 
-The trainer, the exporter's parity check and the client all read images through this
+load_dataset() is the entry point; the format parsers (IDX, CIFAR pickles) are in
+ensemble_serving.dataset_formats, whose public names are re-exported here. The trainer, the exporter's parity check and the client all read images through this
 module, so it must not import torch. Layout under one data directory:
 
     MNIST/raw/{train,t10k}-images-idx3-ubyte[.gz], {train,t10k}-labels-idx1-ubyte[.gz]
@@ -13,13 +14,9 @@ read even if its md5 differs, with one warning per file.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
-import pickle
 import shutil
-import struct
 import tarfile
 import tempfile
 import urllib.error
@@ -29,6 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ensemble_serving.dataset_formats import (  # public names re-exported for callers
+    CIFAR10_CLASSES,
+    MNIST_CLASSES,
+    DatasetError,
+    _check_labels,
+    _read_cifar_batch,
+    _read_cifar_class_names,
+    _read_idx,
+)
 
 __all__ = [
     "DATASET_NAMES",
@@ -45,10 +52,6 @@ DATASET_NAMES = ("mnist", "cifar10")
 SPLITS = ("train", "test")
 DATA_DIR_ENV = "ENSEMBLE_SERVING_DATA_DIR"
 DOWNLOAD_TIMEOUT_S = 30.0
-
-
-class DatasetError(Exception):
-    """A data set cannot be read or fetched; the message says which file and what to do."""
 
 
 class DatasetChecksumWarning(UserWarning):
@@ -103,7 +106,6 @@ MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-MNIST_CLASSES = [str(digit) for digit in range(10)]
 
 CIFAR10_DIR = Path("cifar-10-batches-py")
 CIFAR10_URLS = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)
@@ -121,10 +123,6 @@ CIFAR10_FILES = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
     "test": ("test_batch",),
 }
-CIFAR10_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- public entry point
@@ -185,47 +183,6 @@ def _find_mnist_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-_IDX_DTYPES = {0x08: np.uint8}  # MNIST uses only unsigned bytes
-
-
-def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
-    """Parse an IDX file (gzip or not): 4-byte magic, big-endian dims, then the data."""
-    try:
-        raw = _read_maybe_gzip(path)
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise DatasetError(f"{path} is corrupt or truncated ({error}); delete it to re-download") from None
-    if len(raw) < 4:
-        raise DatasetError(f"{path} is truncated: {len(raw)} bytes, not even an IDX header")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code not in _IDX_DTYPES or ndim != expected_ndim:
-        raise DatasetError(
-            f"{path} is not an IDX file of {expected_ndim}-d unsigned bytes "
-            f"(header {raw[:4].hex()}); is it the right file?"
-        )
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise DatasetError(f"{path} is truncated inside its header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header_len])
-    expected_len = header_len + int(np.prod(shape))
-    if len(raw) != expected_len:
-        raise DatasetError(
-            f"{path} is corrupt or truncated: header says shape {shape} "
-            f"({expected_len} bytes) but the file holds {len(raw)} bytes"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape).copy()
-
-
-def _read_maybe_gzip(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        magic = handle.read(2)
-    if magic == b"\x1f\x8b":
-        with gzip.open(path, "rb") as handle:
-            return handle.read()
-    if path.suffix == ".gz":
-        raise OSError("not a gzip file")
-    return path.read_bytes()
-
-
 def _download_mnist(folder: Path, split: str, stems: tuple[str, ...]) -> None:
     files = [f"{stem}.gz" for stem in stems]
     for filename in files:
@@ -267,67 +224,6 @@ def _load_cifar10(root: Path, split: str, download: bool) -> Dataset:
     )
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    batch = _unpickle(path)
-    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
-        raise DatasetError(f"{path} is not a CIFAR-10 batch: expected a dict with 'data' and 'labels'")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DatasetError(
-            f"{path} is corrupt: 'data' has dtype {data.dtype} shape {data.shape}, expected uint8 [N, 3072]"
-        )
-    if labels.shape != (data.shape[0],):
-        raise DatasetError(f"{path} is corrupt: {data.shape[0]} images but {labels.size} labels")
-    _check_labels(labels, len(CIFAR10_CLASSES), path)
-    # Rows are R, G, B planes of 32x32, row-major: [N, 3, 32, 32] -> NHWC.
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels.astype(np.int64)
-
-
-def _read_cifar_class_names(path: Path) -> list[str]:
-    """batches.meta holds label_names; without it, the official names (they never change)."""
-    if not path.is_file():
-        return list(CIFAR10_CLASSES)
-    meta = _unpickle(path)
-    names = meta.get("label_names") if isinstance(meta, dict) else None
-    if not isinstance(names, list) or len(names) != len(CIFAR10_CLASSES):
-        raise DatasetError(f"{path} is corrupt: expected 'label_names' with {len(CIFAR10_CLASSES)} entries")
-    return [str(n) for n in names]
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Refuse every global except the few numpy needs to rebuild an array.
-
-    The CIFAR batches are pickles; a plain pickle.load would run whatever code a
-    tampered file names. Arrays need only these constructors.
-    """
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-
-
-def _unpickle(path: Path):
-    try:
-        with open(path, "rb") as handle:
-            return _NumpyOnlyUnpickler(io.BytesIO(handle.read()), encoding="latin1").load()
-    except Exception as error:  # pickle raises many types on bad bytes; all mean "corrupt"
-        raise DatasetError(
-            f"{path} is corrupt or truncated ({type(error).__name__}: {error}); delete it to re-download"
-        ) from None
-
-
 def _download_cifar10(root: Path, folder: Path, split: str, names: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="cifar10-download-") as tmp:
         archive = Path(tmp) / "cifar-10-python.tar.gz"
@@ -358,13 +254,6 @@ def _extract_cifar_archive(archive: Path, root: Path, folder: Path) -> None:
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DatasetError(
-            f"{path} is corrupt: labels range {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}"
-        )
 
 
 def _md5(path: Path) -> str:
