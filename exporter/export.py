@@ -14,13 +14,14 @@ Every ONNX model is checked against PyTorch before anything is written: parity a
 batch sizes 1 and 64 (max |diff| <= 1e-4 and identical argmax), the ensemble against
 the weighted mean of the PyTorch members. Any failure raises an ExportError subclass
 and leaves the repository untouched (see repository.StagedRepository).
+
+The plan (which names get written), the option checks and the result types are in
+exporter.plan; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,14 +29,23 @@ import torch
 from exporter import average, onnx_export, parity
 from exporter import quantize as quantization
 from exporter.errors import ExportError, ParityError
+from exporter.plan import (  # public names re-exported for callers
+    QUANTIZE_MODES,
+    ExportResult,
+    Plan,
+    Steps,
+    WrittenModel,
+    _check_options,
+    _count_steps,
+    _NoProgress,
+    plan_names,
+)
 from exporter.repository import (
     DEFAULT_MAX_QUEUE_DELAY_US,
     ENSEMBLE_PLATFORM,
-    INSTANCE_KINDS,
     ONNX_PLATFORM,
     StagedRepository,
     average_config,
-    check_model_name,
     ensemble_config,
     member_config,
     refuse_existing_message,
@@ -44,83 +54,6 @@ from exporter.run_dirs import Member, check_run_dirs, load_member, weights_sha25
 
 PARITY_FILENAME = "parity.json"
 QUANTIZATION_FILENAME = "quantization.json"
-QUANTIZE_MODES = ("int8",)
-
-
-class Steps(Protocol):
-    """Progress reporting: begin(total) once, then step(description) before each step."""
-
-    def begin(self, total: int) -> None: ...
-
-    def step(self, description: str) -> None: ...
-
-
-class _NoProgress:
-    def begin(self, total: int) -> None:
-        pass
-
-    def step(self, description: str) -> None:
-        pass
-
-
-@dataclass
-class WrittenModel:
-    name: str
-    kind: str  # "member" | "average" | "ensemble" | "fused" | "int8" | "int8-ensemble"
-    platform: str
-    path: Path  # the model dir in the repository
-    reports: dict[str, dict] = field(default_factory=dict)  # filename -> report written beside the model
-
-
-@dataclass
-class ExportResult:
-    repository: Path
-    name: str
-    models: list[WrittenModel]
-
-    def __getitem__(self, model_name: str) -> WrittenModel:
-        for model in self.models:
-            if model.name == model_name:
-                return model
-        raise KeyError(model_name)
-
-    @property
-    def model_names(self) -> list[str]:
-        return [model.name for model in self.models]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Which models one export writes, by name."""
-
-    name: str
-    members: list[str]
-    average: str | None
-    ensemble: str | None
-    fused: str | None
-    int8_members: list[str]
-    int8_ensemble: str | None
-
-    @property
-    def all_names(self) -> list[str]:
-        names = [*self.members, self.average, self.ensemble, self.fused, *self.int8_members, self.int8_ensemble]
-        return [name for name in names if name]
-
-
-def plan_names(name: str, num_members: int, fused: bool, quantize: str | None) -> Plan:
-    check_model_name(name)
-    ensemble = num_members > 1
-    members = [f"{name}-m{i}" for i in range(num_members)] if ensemble else [name]
-    int8 = quantize == "int8"
-    return Plan(
-        name=name,
-        members=members,
-        average=f"{name}-average" if ensemble else None,
-        ensemble=name if ensemble else None,
-        fused=f"{name}-fused" if fused else None,
-        int8_members=[f"{member}-int8" for member in members] if int8 else [],
-        int8_ensemble=f"{name}-int8" if int8 and ensemble else None,
-    )
 
 
 def export_repository(
@@ -159,30 +92,6 @@ def export_repository(
         progress.step(f"moving {len(plan.all_names)} model(s) into {staged.repository}")
         staged.commit(overwrite)
         return ExportResult(staged.repository, name, exporter.written)
-
-
-def _check_options(run_dirs, fused, max_batch_size, quantize, max_accuracy_drop, instance_kind, instances) -> None:
-    if not run_dirs:
-        raise ExportError("no run dirs given (expected at least one directory written by `trainer`)")
-    if fused and len(run_dirs) < 2:
-        raise ExportError("--fused needs at least two run dirs (a single model is already one graph)")
-    if max_batch_size < 1:
-        raise ExportError(f"--max-batch-size {max_batch_size}: expected at least 1")
-    if quantize not in (None, *QUANTIZE_MODES):
-        raise ExportError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE_MODES)}")
-    if not max_accuracy_drop >= 0:
-        raise ExportError(f"--max-accuracy-drop {max_accuracy_drop}: expected a non-negative number of points")
-    if instance_kind not in INSTANCE_KINDS:
-        raise ExportError(f"--instance-kind {instance_kind!r}: expected one of {', '.join(INSTANCE_KINDS)}")
-    if instances < 1:
-        raise ExportError(f"--instances {instances}: expected at least 1")
-
-
-def _count_steps(num_members: int, fused: bool, quantize: str | None) -> int:
-    steps = 3 * num_members + (1 if num_members > 1 else 0) + (2 if fused else 0) + 1
-    if quantize:
-        steps += 1 + 2 * num_members + (1 if num_members > 1 else 0)
-    return steps
 
 
 class WeightedEnsemble(torch.nn.Module):
