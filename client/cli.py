@@ -110,25 +110,13 @@ def evaluate(dataset_name, url, model_name, model_version, data_dir, download, s
     confidence and calibration error (ECE), throughput and client-side latency
     percentiles. Writes report.json, per_class.csv and confusion_matrix.png to --out.
     """
-    from client.evaluate import check_dataset_fits, effective_batch_size, stream_probabilities
     from client.report import build_report, print_report, write_report_files
 
     dataset = _load_dataset_with_notes(dataset_name, split, data_dir, download)
     images, labels = dataset.images[:limit], dataset.labels[:limit]
-    dataset_label = f"{dataset_name} {split}"
     with Connection(url, timeout_s=timeout_s, security=security) as connection:
-        server = connection.check_live()
-        model = connection.image_model(model_name, model_version)
-        check_dataset_fits(model, images, dataset.class_names, dataset_label)
-        if effective_batch_size(model, batch_size) < batch_size:
-            stderr.print(f"[yellow]note:[/yellow] model {model_name!r} takes at most {model.max_batch_size} images "
-                         f"per request (max_batch_size): sending batches of {model.max_batch_size}", highlight=False)
-        with _progress_bar() as progress:
-            task = progress.add_task(f"{model_name} on {dataset_label}", total=len(images))
-            result = stream_probabilities(
-                connection, model, images, batch_size=batch_size, concurrency=concurrency,
-                timeout_s=timeout_s, on_progress=lambda count: progress.advance(task, count),
-            )  # fmt: skip
+        server, model, result = _stream_dataset(connection, model_name, model_version, images, dataset.class_names,
+                                                f"{dataset_name} {split}", batch_size, concurrency, timeout_s)  # fmt: skip
     context = {
         "model": model_name,
         "model_version": model_version,
@@ -146,6 +134,26 @@ def evaluate(dataset_name, url, model_name, model_version, data_dir, download, s
     out_dir = Path(out_dir or Path("outputs") / "evaluate" / f"{model_name}-{dataset_name}-{split}")
     written = write_report_files(report, out_dir, normalize=normalize)
     stdout.print(f"wrote {', '.join(str(path) for path in written)}", highlight=False, soft_wrap=True)
+
+
+def _stream_dataset(connection, model_name, model_version, images, class_names, dataset_label,
+                    batch_size, concurrency, timeout_s):  # fmt: skip
+    """Check the model against the data set, then stream the images through it under a progress bar."""
+    from client.evaluate import check_dataset_fits, effective_batch_size, stream_probabilities
+
+    server = connection.check_live()
+    model = connection.image_model(model_name, model_version)
+    check_dataset_fits(model, images, class_names, dataset_label)
+    if effective_batch_size(model, batch_size) < batch_size:
+        stderr.print(f"[yellow]note:[/yellow] model {model_name!r} takes at most {model.max_batch_size} images "
+                     f"per request (max_batch_size): sending batches of {model.max_batch_size}", highlight=False)
+    with _progress_bar() as progress:
+        task = progress.add_task(f"{model_name} on {dataset_label}", total=len(images))
+        result = stream_probabilities(
+            connection, model, images, batch_size=batch_size, concurrency=concurrency,
+            timeout_s=timeout_s, on_progress=lambda count: progress.advance(task, count),
+        )  # fmt: skip
+    return server, model, result
 
 
 def _load_dataset_with_notes(name, split, data_dir, download):

@@ -172,6 +172,81 @@ MUTATIONS = ("model_name", "version", "input_name", "datatype", "shape", "batch"
              "class_count", "parameters", "nan", "raw_count")  # fmt: skip
 
 
+def _mutate_request(draw, request: pb.ModelInferRequest, mutation: str) -> None:
+    """Mutations of the request itself: model name and version, requested outputs, parameters."""
+    if mutation == "model_name":
+        request.model_name = draw(st.sampled_from(["", "tiny-m9", request.model_name + " ", request.model_name.upper()]))
+    elif mutation == "version":
+        request.model_version = draw(st.sampled_from(["2", "0", "-1", "latest", "1.0", "1 "]))
+    elif mutation == "outputs":
+        request.outputs.add(name=draw(names))
+    elif mutation == "class_count":
+        output = request.outputs.add(name="probabilities")
+        output.parameters["class_count"].CopyFrom(draw(parameter_values))
+    elif mutation == "parameters":
+        for key, value in draw(parameters).items():
+            request.parameters[key].CopyFrom(value)
+
+
+def _mutate_tensor(draw, request: pb.ModelInferRequest, tensor, mutation: str, repository, seed: int) -> None:
+    """Mutations of one input tensor: its name, datatype, shape, batch size, or FP32 values."""
+    raw = request.raw_input_contents
+    if mutation == "input_name" and tensor is not None:
+        tensor.name = draw(names)
+    elif mutation == "datatype" and tensor is not None:
+        tensor.datatype = draw(datatypes)
+    elif mutation == "shape" and tensor is not None:
+        tensor.shape[:] = draw(shapes)
+    elif mutation == "batch" and tensor is not None and tensor.shape:
+        # A batch size that may be 0 or past max_batch_size, with matching raw bytes.
+        new_batch = draw(st.sampled_from([0, 1, repository.max_batch_size, repository.max_batch_size + 1, 1000]))
+        per_item = int(np.prod(tensor.shape[1:])) * (4 if tensor.datatype == "FP32" else 1)
+        tensor.shape[0] = new_batch
+        if raw:
+            index = list(request.inputs).index(tensor)
+            # An earlier mutation may have left negative or huge dims: keep the length sane.
+            raw[index] = _bytes(max(0, min(new_batch * per_item, 2 * MAX_MESSAGE_SIZE)), seed)
+    elif mutation == "huge_dim" and tensor is not None and tensor.shape:
+        tensor.shape[draw(st.integers(0, len(tensor.shape) - 1))] = draw(st.sampled_from(HUGE_DIMS))
+    elif mutation == "nan" and raw and tensor is not None and tensor.datatype == "FP32":
+        index = list(request.inputs).index(tensor)
+        whole = len(raw[index]) // 4 * 4  # an earlier byte_length mutation may have left a ragged end
+        values = np.frombuffer(raw[index][:whole], dtype="<f4").copy()
+        values[:: max(1, len(values) // 3)] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        raw[index] = values.tobytes() + raw[index][whole:]
+
+
+def _mutate_contents(draw, request: pb.ModelInferRequest, tensor, mutation: str) -> None:
+    """Mutations of the inputs list and their contents: raw byte lengths, typed fields, added or dropped inputs."""
+    raw = request.raw_input_contents
+    if mutation == "byte_length" and raw:
+        index = draw(st.integers(0, len(raw) - 1))
+        length = draw(st.one_of(st.integers(0, len(raw[index]) + 16), st.just(MAX_MESSAGE_SIZE + 1)))
+        raw[index] = (raw[index] * (length // max(len(raw[index]), 1) + 1))[:length]
+    elif mutation == "raw_and_typed" and tensor is not None:
+        tensor.contents.uint_contents.extend([1, 2, 3])
+        if not raw:
+            raw.extend(b"" for _ in request.inputs)
+    elif mutation == "typed_field" and tensor is not None:
+        del raw[:]
+        tensor.contents.CopyFrom(draw(typed_contents()))
+    elif mutation == "drop_input" and tensor is not None:
+        index = list(request.inputs).index(tensor)
+        del request.inputs[index]
+        if raw:
+            del raw[index]
+    elif mutation == "duplicate_input" and tensor is not None:
+        request.inputs.add().CopyFrom(tensor)
+        if raw:
+            raw.append(raw[list(request.inputs).index(tensor)])
+    elif mutation == "extra_input":
+        request.inputs.add(name=draw(names), datatype="UINT8", shape=[1])
+        if raw:
+            raw.append(b"\x01")
+    elif mutation == "raw_count" and raw:
+        raw.append(b"")
+
+
 @st.composite
 def mutated_requests(draw, repository) -> pb.ModelInferRequest:
     """A valid request with 0..3 mutations; 0 mutations must be answered correctly."""
@@ -189,69 +264,11 @@ def mutated_requests(draw, repository) -> pb.ModelInferRequest:
         request = valid_image_request(draw(st.sampled_from(images_models)), images, typed=draw(st.booleans()))
     for mutation in draw(st.lists(st.sampled_from(MUTATIONS), max_size=3)):
         tensor = request.inputs[draw(st.integers(0, len(request.inputs) - 1))] if request.inputs else None
-        raw = request.raw_input_contents
-        if mutation == "model_name":
-            request.model_name = draw(st.sampled_from(["", "tiny-m9", request.model_name + " ", request.model_name.upper()]))
-        elif mutation == "version":
-            request.model_version = draw(st.sampled_from(["2", "0", "-1", "latest", "1.0", "1 "]))
-        elif mutation == "input_name" and tensor is not None:
-            tensor.name = draw(names)
-        elif mutation == "datatype" and tensor is not None:
-            tensor.datatype = draw(datatypes)
-        elif mutation == "shape" and tensor is not None:
-            tensor.shape[:] = draw(shapes)
-        elif mutation == "batch" and tensor is not None and tensor.shape:
-            # A batch size that may be 0 or past max_batch_size, with matching raw bytes.
-            new_batch = draw(st.sampled_from([0, 1, repository.max_batch_size, repository.max_batch_size + 1, 1000]))
-            per_item = int(np.prod(tensor.shape[1:])) * (4 if tensor.datatype == "FP32" else 1)
-            tensor.shape[0] = new_batch
-            if raw:
-                index = list(request.inputs).index(tensor)
-                # An earlier mutation may have left negative or huge dims: keep the length sane.
-                raw[index] = _bytes(max(0, min(new_batch * per_item, 2 * MAX_MESSAGE_SIZE)), seed)
-        elif mutation == "huge_dim" and tensor is not None and tensor.shape:
-            tensor.shape[draw(st.integers(0, len(tensor.shape) - 1))] = draw(st.sampled_from(HUGE_DIMS))
-        elif mutation == "byte_length" and raw:
-            index = draw(st.integers(0, len(raw) - 1))
-            length = draw(st.one_of(st.integers(0, len(raw[index]) + 16), st.just(MAX_MESSAGE_SIZE + 1)))
-            raw[index] = (raw[index] * (length // max(len(raw[index]), 1) + 1))[:length]
-        elif mutation == "raw_and_typed" and tensor is not None:
-            tensor.contents.uint_contents.extend([1, 2, 3])
-            if not raw:
-                raw.extend(b"" for _ in request.inputs)
-        elif mutation == "typed_field" and tensor is not None:
-            del raw[:]
-            tensor.contents.CopyFrom(draw(typed_contents()))
-        elif mutation == "drop_input" and tensor is not None:
-            index = list(request.inputs).index(tensor)
-            del request.inputs[index]
-            if raw:
-                del raw[index]
-        elif mutation == "duplicate_input" and tensor is not None:
-            request.inputs.add().CopyFrom(tensor)
-            if raw:
-                raw.append(raw[list(request.inputs).index(tensor)])
-        elif mutation == "extra_input":
-            request.inputs.add(name=draw(names), datatype="UINT8", shape=[1])
-            if raw:
-                raw.append(b"\x01")
-        elif mutation == "outputs":
-            request.outputs.add(name=draw(names))
-        elif mutation == "class_count":
-            output = request.outputs.add(name="probabilities")
-            output.parameters["class_count"].CopyFrom(draw(parameter_values))
-        elif mutation == "parameters":
-            for key, value in draw(parameters).items():
-                request.parameters[key].CopyFrom(value)
-        elif mutation == "nan" and raw and tensor is not None and tensor.datatype == "FP32":
-            index = list(request.inputs).index(tensor)
-            whole = len(raw[index]) // 4 * 4  # an earlier byte_length mutation may have left a ragged end
-            values = np.frombuffer(raw[index][:whole], dtype="<f4").copy()
-            values[:: max(1, len(values) // 3)] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-            raw[index] = values.tobytes() + raw[index][whole:]
-        elif mutation == "raw_count" and raw:
-            raw.append(b"")
+        _mutate_request(draw, request, mutation)
+        _mutate_tensor(draw, request, tensor, mutation, repository, seed)
+        _mutate_contents(draw, request, tensor, mutation)
     return request
+
 
 
 # --------------------------------------------------------------------------- checking answers
