@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent requests for one model version become one onnxruntime call.
 
-The callers are gRPC worker threads (and the HTTP bridge). `submit` puts a request in a
+The callers are gRPC worker threads. `submit` puts a request in a
 bounded FIFO queue and returns its `Ticket`; `result` blocks the caller until the ticket is
 answered. Each model instance (config.pbtxt instance_group count) is one thread that
 takes batches from the queue, runs onnxruntime (which releases the GIL) and answers the
@@ -38,10 +38,6 @@ from server.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
-# Ticket states; every change happens under the batcher's lock.
-_QUEUED, _TAKEN, _DONE = 0, 1, 2
-
-
 @dataclass(frozen=True)
 class BatchingPolicy:
     max_batch_size: int  # 0: the model has no batch dimension
@@ -54,8 +50,7 @@ class BatchingPolicy:
 class Ticket:
     """One request in a batcher: its inputs, then its outputs or its error."""
 
-    __slots__ = ("inputs", "batch_size", "deadline", "arrival_ns", "outputs", "error", "state", "_answered",
-                 "on_answer")  # fmt: skip
+    __slots__ = ("inputs", "batch_size", "deadline", "arrival_ns", "outputs", "error", "queued", "_answered")
 
     def __init__(self, inputs: Tensors, batch_size: int, deadline: float | None):
         self.inputs = inputs
@@ -64,18 +59,16 @@ class Ticket:
         self.arrival_ns = time.monotonic_ns()
         self.outputs: Tensors | None = None
         self.error: InferenceError | None = None
-        self.state = _QUEUED
+        self.queued = True  # set False, under the batcher's lock, when it leaves the queue
         # A plain lock, held until the ticket is answered: the cheapest one-shot signal
         # between threads that Python has.
         self._answered = threading.Lock()
         self._answered.acquire()
-        self.on_answer: Callable[[Ticket], None] | None = None  # for callers on an event loop
 
     def answer(self, outputs: Tensors | None, error: InferenceError | None = None) -> None:
-        self.outputs, self.error, self.state = outputs, error, _DONE
+        """Called once, by whoever took the ticket out of the queue."""
+        self.outputs, self.error = outputs, error
         self._answered.release()
-        if self.on_answer is not None:
-            self.on_answer(self)
 
     def wait(self, timeout: float | None) -> bool:
         """True once answered; False when `timeout` seconds passed first."""
@@ -86,17 +79,15 @@ class CallScope:
     """The tickets one client call holds, so that ending the call withdraws them all.
     gRPC runs `cancel` when the call ends for any reason; answered tickets ignore it."""
 
-    __slots__ = ("_tickets", "cancelled")
+    __slots__ = ("_tickets",)
 
     def __init__(self) -> None:
         self._tickets: list[tuple[DynamicBatcher, Ticket]] = []
-        self.cancelled = False
 
     def hold(self, batcher: DynamicBatcher, ticket: Ticket) -> None:
         self._tickets.append((batcher, ticket))
 
     def cancel(self) -> None:
-        self.cancelled = True
         for batcher, ticket in self._tickets:
             batcher.withdraw(ticket, InferenceError(grpc.StatusCode.CANCELLED, "the call ended before its answer"))
 
@@ -165,12 +156,11 @@ class DynamicBatcher:
         """Take a ticket out of the queue and answer it with `error`; a ticket already
         taken into a batch is left to its execution."""
         with self._lock:
-            if ticket.state != _QUEUED:
+            if not ticket.queued:
                 return
             self._queue.remove(ticket)
-            self._queued_elements -= ticket.batch_size
+            self._left_queue(ticket)
             self._stats.record_failure(time.monotonic_ns() - ticket.arrival_ns)
-            ticket.state = _TAKEN
         ticket.answer(None, error)
 
     def _expired(self, ticket: Ticket) -> InferenceError:
@@ -199,15 +189,9 @@ class DynamicBatcher:
                 if self._gathers and self.policy.max_queue_delay_s > 0:
                     self._wait_for_fuller_batch()
                 batch, expired = self._take_batch()
-                for ticket in expired:  # answered outside the loop below: it holds the lock
+                for ticket in expired:
                     self._stats.record_failure(time.monotonic_ns() - ticket.arrival_ns)
-                if expired:
-                    self._lock.release()
-                    try:
-                        for ticket in expired:
-                            ticket.answer(None, self._expired(ticket))
-                    finally:
-                        self._lock.acquire()
+                    ticket.answer(None, self._expired(ticket))
                 if batch:
                     return batch
 
@@ -228,18 +212,19 @@ class DynamicBatcher:
         while self._queue:
             ticket = self._queue[0]
             if ticket.deadline is not None and now >= ticket.deadline:
-                expired.append(self._queue.popleft())
-                self._queued_elements -= ticket.batch_size
-                ticket.state = _TAKEN
+                expired.append(self._left_queue(self._queue.popleft()))
                 continue
             if batch and elements + ticket.batch_size > self._batch_limit:
                 break
-            self._queue.popleft()
-            self._queued_elements -= ticket.batch_size
-            ticket.state = _TAKEN
-            batch.append(ticket)
+            batch.append(self._left_queue(self._queue.popleft()))
             elements += ticket.batch_size
         return batch, expired
+
+    def _left_queue(self, ticket: Ticket) -> Ticket:
+        """Bookkeeping for a ticket just taken out of the queue (the lock is held)."""
+        self._queued_elements -= ticket.batch_size
+        ticket.queued = False
+        return ticket
 
     def _execute(self, batch: list[Ticket]) -> None:
         started_ns = time.monotonic_ns()
@@ -286,11 +271,8 @@ class DynamicBatcher:
         """Stop the instance threads after the executions under way; fail what is still queued."""
         with self._lock:
             self._closed = True
-            queued = list(self._queue)
+            queued = [self._left_queue(ticket) for ticket in self._queue]
             self._queue.clear()
-            self._queued_elements = 0
-            for ticket in queued:
-                ticket.state = _TAKEN
             self._arrived.notify_all()
         for ticket in queued:
             ticket.answer(None, InferenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
