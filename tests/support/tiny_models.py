@@ -77,31 +77,34 @@ def average_graph(count: int, classes: int = len(CLASS_NAMES)) -> onnx.GraphProt
     )
 
 
-def _member_config(name: str) -> str:
-    return f"""
-name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {MAX_BATCH_SIZE}
-input {{ name: "images" data_type: TYPE_UINT8 format: FORMAT_NHWC dims: [{HEIGHT}, {WIDTH}, {CHANNELS}] }}
-output {{ name: "probabilities" data_type: TYPE_FP32 dims: [{len(CLASS_NAMES)}] label_filename: "labels.txt" }}
-dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
-instance_group {{ kind: KIND_CPU count: 1 }}
-"""
+_IMAGES_INPUT = (f'input {{ name: "images" data_type: TYPE_UINT8 format: FORMAT_NHWC '
+                 f'dims: [{HEIGHT}, {WIDTH}, {CHANNELS}] }}')
 
 
-def _average_config(name: str, count: int) -> str:
-    inputs = "\n".join(
-        f'input {{ name: "probabilities_{i}" data_type: TYPE_FP32 dims: [{len(CLASS_NAMES)}] }}' for i in range(count)
-    )
+def _config_head(name: str, platform: str, inputs: str) -> str:
+    """What every config.pbtxt of the tiny repository starts with: name, platform, inputs, output."""
     return f"""
 name: "{name}"
-platform: "onnxruntime_onnx"
+platform: "{platform}"
 max_batch_size: {MAX_BATCH_SIZE}
 {inputs}
 output {{ name: "probabilities" data_type: TYPE_FP32 dims: [{len(CLASS_NAMES)}] label_filename: "labels.txt" }}
-dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
-instance_group {{ kind: KIND_CPU count: 1 }}
 """
+
+
+def _onnx_config(name: str, inputs: str) -> str:
+    return _config_head(name, "onnxruntime_onnx", inputs) + """dynamic_batching { max_queue_delay_microseconds: 1000 }
+instance_group { kind: KIND_CPU count: 1 }
+"""
+
+
+def _member_config(name: str) -> str:
+    return _onnx_config(name, _IMAGES_INPUT)
+
+
+def _average_config(name: str, count: int) -> str:
+    return _onnx_config(name, "\n".join(
+        f'input {{ name: "probabilities_{i}" data_type: TYPE_FP32 dims: [{len(CLASS_NAMES)}] }}' for i in range(count)))
 
 
 def _ensemble_config(name: str, members: list[str], average: str) -> str:
@@ -113,13 +116,7 @@ def _ensemble_config(name: str, members: list[str], average: str) -> str:
     average_inputs = " ".join(
         f'input_map {{ key: "probabilities_{i}" value: "probabilities_{i}" }}' for i in range(len(members))
     )
-    return f"""
-name: "{name}"
-platform: "ensemble"
-max_batch_size: {MAX_BATCH_SIZE}
-input {{ name: "images" data_type: TYPE_UINT8 format: FORMAT_NHWC dims: [{HEIGHT}, {WIDTH}, {CHANNELS}] }}
-output {{ name: "probabilities" data_type: TYPE_FP32 dims: [{len(CLASS_NAMES)}] label_filename: "labels.txt" }}
-ensemble_scheduling {{
+    return _config_head(name, "ensemble", _IMAGES_INPUT) + f"""ensemble_scheduling {{
 {steps}
 step {{ model_name: "{average}" model_version: -1 {average_inputs}
        output_map {{ key: "probabilities" value: "probabilities" }} }}
