@@ -46,7 +46,8 @@ from server.security import (
     load_auth_tokens,
     server_credentials,
 )
-from server.servicer import InferenceServicer, ServerState
+from server.service import InferenceService, ServerState
+from server.servicer import InferenceServicer
 
 log = logging.getLogger("server")
 
@@ -189,7 +190,7 @@ def _open_ports(settings: ServerSettings, state: ServerState, repository: Reposi
     server = grpc.server(ThreadPoolExecutor(max_workers=GRPC_WORKER_THREADS, thread_name_prefix="grpc"),
                          options=_grpc_options(settings), interceptors=interceptors,
                          maximum_concurrent_rpcs=settings.max_concurrent_rpcs)  # fmt: skip
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state, repository, metrics), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(InferenceService(state, repository, metrics)), server)
     health = HealthReporter(server)
     enable_reflection(server)
     try:

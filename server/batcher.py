@@ -34,6 +34,7 @@ import numpy as np
 
 from server.metrics import ModelMetrics
 from server.request_codec import InferenceError, Tensors
+from server.scheduling import Steps
 from server.statistics import ModelStats
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class BatchingPolicy:
 class Ticket:
     """One request in a batcher: its inputs, then its outputs or its error."""
 
-    __slots__ = ("inputs", "batch_size", "deadline", "arrival_ns", "outputs", "error", "queued", "_answered")
+    __slots__ = ("inputs", "batch_size", "deadline", "arrival_ns", "outputs", "error", "queued", "on_answer",
+                 "_answered")
 
     def __init__(self, inputs: Tensors, batch_size: int, deadline: float | None):
         self.inputs = inputs
@@ -60,6 +62,8 @@ class Ticket:
         self.outputs: Tensors | None = None
         self.error: InferenceError | None = None
         self.queued = True  # set False, under the batcher's lock, when it leaves the queue
+        # Called after the answer, on the answering thread: how an event loop learns of it.
+        self.on_answer: Callable[[], None] | None = None
         # A plain lock, held until the ticket is answered: the cheapest one-shot signal
         # between threads that Python has.
         self._answered = threading.Lock()
@@ -69,6 +73,13 @@ class Ticket:
         """Called once, by whoever took the ticket out of the queue."""
         self.outputs, self.error = outputs, error
         self._answered.release()
+        on_answer = self.on_answer  # read after the release: see `answered` in run_async
+        if on_answer is not None:
+            on_answer()
+
+    @property
+    def answered(self) -> bool:
+        return not self._answered.locked()
 
     def wait(self, timeout: float | None) -> bool:
         """True once answered; False when `timeout` seconds passed first."""
@@ -142,15 +153,25 @@ class DynamicBatcher:
         """Block until `ticket` is answered; at its deadline, withdraw it (if still queued)."""
         timeout = None if ticket.deadline is None else ticket.deadline - time.monotonic()
         if not ticket.wait(timeout):
-            self.withdraw(ticket, self._expired(ticket))
+            self.expire_if_queued(ticket)
             ticket.wait(None)  # answered now: by the withdrawal, or by its execution if that began first
         if ticket.error is not None:
             raise ticket.error
         return ticket.outputs
 
+    def steps(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None
+              ) -> Steps:  # fmt: skip
+        """One request as a `Steps` generator: one ticket to wait for, then its outputs."""
+        (outputs,) = yield [(self, self.submit(inputs, batch_size, deadline, scope))]
+        return outputs
+
     def infer(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None
               ) -> Tensors:  # fmt: skip
         return self.result(self.submit(inputs, batch_size, deadline, scope))
+
+    def expire_if_queued(self, ticket: Ticket) -> None:
+        """At the ticket's deadline: withdraw it if it is still queued."""
+        self.withdraw(ticket, self._expired(ticket))
 
     def withdraw(self, ticket: Ticket, error: InferenceError) -> None:
         """Take a ticket out of the queue and answer it with `error`; a ticket already

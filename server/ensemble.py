@@ -11,21 +11,11 @@ batched per member, exactly as direct requests to the member would be.
 from __future__ import annotations
 
 import time
-from typing import Protocol
-
 from server.batcher import CallScope, DynamicBatcher
 from server.repository import ModelSpec
 from server.request_codec import Tensors
+from server.scheduling import Steps
 from server.statistics import ModelStats
-
-
-class Scheduler(Protocol):
-    """What the servicer calls: a DynamicBatcher or an EnsembleScheduler."""
-
-    def infer(self, inputs: Tensors, batch_size: int, deadline: float | None,
-              scope: CallScope | None = None) -> Tensors: ...  # fmt: skip
-
-    def close(self) -> None: ...
 
 
 def _waves(spec: ModelSpec) -> list[list[int]]:
@@ -52,8 +42,8 @@ class EnsembleScheduler:
         self._waves = _waves(spec)
         self._stats = stats
 
-    def infer(self, inputs: Tensors, batch_size: int, deadline: float | None,
-              scope: CallScope | None = None) -> Tensors:  # fmt: skip
+    def steps(self, inputs: Tensors, batch_size: int, deadline: float | None,
+              scope: CallScope | None = None) -> Steps:  # fmt: skip
         start = time.monotonic_ns()
         tensors = dict(inputs)
         try:
@@ -62,9 +52,10 @@ class EnsembleScheduler:
                 for index in wave:
                     step_inputs = {member_input: tensors[source]
                                    for member_input, source in self.spec.steps[index].input_map.items()}
-                    tickets.append(self._members[index].submit(step_inputs, batch_size, deadline, scope))
-                for index, ticket in zip(wave, tickets):
-                    outputs = self._members[index].result(ticket)
+                    tickets.append((self._members[index], self._members[index].submit(
+                        step_inputs, batch_size, deadline, scope)))
+                answers = yield tickets
+                for index, outputs in zip(wave, answers):
                     tensors.update({target: outputs[member_output]
                                     for member_output, target in self.spec.steps[index].output_map.items()})
         except Exception:

@@ -3,11 +3,11 @@
 Names follow Prometheus conventions (base units, `_total` counters, `_seconds`
 histograms) and carry `model` and `version` labels:
 
-  ensemble_server_requests_total{outcome}            ModelInfer calls by outcome: success,
+  ensemble_server_requests_total{protocol,outcome}   ModelInfer calls (protocol grpc or http) by outcome: success,
                                                      invalid_argument, not_found, unavailable,
                                                      resource_exhausted, deadline_exceeded, cancelled,
                                                      internal
-  ensemble_server_request_duration_seconds           end to end inside the server
+  ensemble_server_request_duration_seconds{protocol} end to end inside the server
   ensemble_server_queue_duration_seconds             arrival -> start of its batch's execution
   ensemble_server_compute_duration_seconds           one execution (batch forming + onnxruntime + split)
   ensemble_server_batch_size                         elements per execution
@@ -40,6 +40,7 @@ OUTCOMES = ("success", "invalid_argument", "not_found", "unavailable", "resource
             "deadline_exceeded", "cancelled", "internal")  # fmt: skip
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+PROTOCOLS = ("grpc", "http")
 
 
 class ModelMetrics:
@@ -47,8 +48,10 @@ class ModelMetrics:
 
     def __init__(self, metrics: ServerMetrics, model: str, version: str):
         labels = {"model": model, "version": version}
-        self.requests = {outcome: metrics.requests.labels(outcome=outcome, **labels) for outcome in OUTCOMES}
-        self.request_duration = metrics.request_duration.labels(**labels)
+        self._requests = {(protocol, outcome): metrics.requests.labels(protocol=protocol, outcome=outcome, **labels)
+                          for protocol in PROTOCOLS for outcome in OUTCOMES}
+        self._request_duration = {protocol: metrics.request_duration.labels(protocol=protocol, **labels)
+                                  for protocol in PROTOCOLS}
         self.queue_duration = metrics.queue_duration.labels(**labels)
         self.compute_duration = metrics.compute_duration.labels(**labels)
         self.batch_size = metrics.batch_size.labels(**labels)
@@ -57,6 +60,10 @@ class ModelMetrics:
         self._load_duration = metrics.load_duration.labels(**labels)
         self._provider = metrics.provider
         self._labels = labels
+
+    def count_request(self, protocol: str, outcome: str, seconds: float) -> None:
+        self._requests[protocol, outcome].inc()
+        self._request_duration[protocol].observe(seconds)
 
     def record_batch(self, elements: int, compute_s: float, queued_ns: list[int]) -> None:
         """One execution of `elements` batch elements from len(queued_ns) requests."""
@@ -77,11 +84,11 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         labels = ("model", "version")
         kwargs = {"registry": self.registry}
-        self.requests = Counter(f"{PREFIX}_requests", "ModelInfer requests by outcome (gRPC status).",
-                                (*labels, "outcome"), **kwargs)
+        self.requests = Counter(f"{PREFIX}_requests", "Inference requests by protocol (grpc, http) and outcome "
+                                "(gRPC status).", (*labels, "protocol", "outcome"), **kwargs)
         self.request_duration = Histogram(f"{PREFIX}_request_duration_seconds",
-                                          "ModelInfer time inside the server, arrival to response.",
-                                          labels, buckets=LATENCY_BUCKETS, **kwargs)
+                                          "Inference time inside the server, arrival to response.",
+                                          (*labels, "protocol"), buckets=LATENCY_BUCKETS, **kwargs)
         self.queue_duration = Histogram(f"{PREFIX}_queue_duration_seconds",
                                         "Time a request waited in the batcher queue before its execution began.",
                                         labels, buckets=LATENCY_BUCKETS, **kwargs)
@@ -108,15 +115,16 @@ class ServerMetrics:
                                        ("reason",), **kwargs)
         # Requests refused before a model is known (unknown name, not ready yet) count under
         # model="": create those series now so that they exist from the first scrape.
-        for outcome in ("not_found", "unavailable"):
-            self.requests.labels(model="", version="", outcome=outcome)
+        for protocol in PROTOCOLS:
+            for outcome in ("not_found", "unavailable"):
+                self.requests.labels(model="", version="", protocol=protocol, outcome=outcome)
         self._http_server = None
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
 
-    def count_unknown_model_request(self, outcome: str) -> None:
-        self.requests.labels(model="", version="", outcome=outcome).inc()
+    def count_unknown_model_request(self, protocol: str, outcome: str) -> None:
+        self.requests.labels(model="", version="", protocol=protocol, outcome=outcome).inc()
 
     def serve(self, host: str, port: int) -> None:
         """Start the /metrics HTTP endpoint in a background thread."""

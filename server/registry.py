@@ -20,7 +20,8 @@ from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import model_config_pb2
 from server.batcher import BatchingPolicy, DynamicBatcher
 from server.config import DEFAULT_MAX_QUEUE_SIZE, ServerSettings
-from server.ensemble import EnsembleScheduler, Scheduler
+from server.ensemble import EnsembleScheduler
+from server.scheduling import Scheduler
 from server.metrics import ModelMetrics, ServerMetrics
 from server.request_codec import InferenceError
 from server.repository import ModelSpec, RepositoryError

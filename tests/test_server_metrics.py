@@ -61,7 +61,7 @@ def test_metric_families_follow_prometheus_conventions(traffic):
 
 def test_requests_are_counted_by_outcome(traffic, tiny_repository):
     before, after, _ = traffic
-    ensemble = {"model": tiny_repository.ensemble, "version": "1"}
+    ensemble = {"model": tiny_repository.ensemble, "version": "1", "protocol": "grpc"}
 
     def delta(outcome, **labels):
         return (sample(after, "requests", "_total", outcome=outcome, **labels)
@@ -69,7 +69,7 @@ def test_requests_are_counted_by_outcome(traffic, tiny_repository):
 
     assert delta("success", **ensemble) == 3
     assert delta("invalid_argument", **ensemble) == 1
-    assert delta("not_found", model="", version="") >= 1  # unknown names are not used as labels
+    assert delta("not_found", model="", version="", protocol="grpc") >= 1  # unknown names are not used as labels
     latency_count = (sample(after, "request_duration_seconds", "_count", **ensemble)
                      - sample(before, "request_duration_seconds", "_count", **ensemble))
     assert latency_count == 4

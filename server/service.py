@@ -1,0 +1,196 @@
+"""What the server answers, whichever transport asked: the protocol's operations on the
+registry and the server state, with protobuf messages in and out (the gRPC servicer sends
+them as they are; the HTTP endpoint turns them into JSON) and failures raised as
+`InferenceError`, whose gRPC status each transport maps to its own.
+
+Inference is counted here once for both transports: requests by outcome and protocol,
+end-to-end latency, and the failure statistics of ModelStatistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+
+import grpc
+
+from ensemble_serving.protocol import grpc_service_pb2 as pb
+from server.batcher import CallScope
+from server.metrics import ServerMetrics
+from server.registry import LoadedModel, ModelRegistry
+from server.repository import Repository
+from server.request_codec import DecodedRequest, InferenceError, decode_request, encode_response
+from server.scheduling import run_async, run_blocking
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "ensemble-serving"
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "binary_tensor_data")
+
+_OUTCOME = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
+    grpc.StatusCode.NOT_FOUND: "not_found",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
+}
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("ensemble-serving")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class ServerState:
+    """Ready once every model has loaded; draining after SIGTERM. Counts requests in
+    flight (from any thread) so that shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.registry = ModelRegistry()
+        self.ready = False
+        self.draining = False
+        self.in_flight = 0
+        self._idle = threading.Condition()
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.draining
+
+    def begin_request(self) -> None:
+        with self._idle:
+            self.in_flight += 1
+
+    def end_request(self) -> None:
+        with self._idle:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Blocks until no request is in flight (True) or `timeout` passed (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
+
+
+@dataclass
+class _Call:
+    """One inference call while it is handled: what its accounting needs."""
+
+    protocol: str
+    deadline: float | None
+    start: float
+    model: LoadedModel | None = None
+
+
+class InferenceService:
+    def __init__(self, state: ServerState, repository: Repository, metrics: ServerMetrics):
+        self.state = state
+        self.repository = repository
+        self.metrics = metrics
+        self.version = _server_version()
+
+    # -- server and models -----------------------------------------------------------------
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+
+    def model_ready(self, name: str, version: str) -> bool:
+        """Whether the model version serves now; NOT_FOUND for one the server does not have."""
+        self.state.registry.get(name, version)
+        return self.state.serving
+
+    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        return self.state.registry.metadata(name, version)
+
+    def model_config(self, name: str, version: str) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=self.state.registry.get(name, version).config)
+
+    def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+        registry = self.state.registry
+        if not name:
+            models = list(registry)
+        elif version:
+            models = [registry.get(name, version)]
+        else:
+            registry.get(name)  # NOT_FOUND for an unknown name
+            models = list(registry.versions(name).values())
+        return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
+
+    def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for name in self.repository.names:
+            loaded = self.state.registry.versions(name)
+            if loaded:
+                for version in sorted(loaded, key=int):
+                    response.models.add(name=name, version=version, state="READY" if self.state.ready else "LOADING")
+            elif not ready_only:
+                reason = self.repository.errors.get(name, "not loaded (not selected with --model)")
+                response.models.add(name=name, state="UNAVAILABLE", reason=reason)
+        return response
+
+    # -- inference -------------------------------------------------------------------------
+    def infer(self, request: pb.ModelInferRequest, deadline: float | None, scope: CallScope,
+              protocol: str) -> pb.ModelInferResponse:  # fmt: skip
+        """Serve one request on this thread (gRPC's worker threads)."""
+        with self._accounted(protocol, deadline) as call:
+            decoded = self._decode(request, call)
+            outputs = run_blocking(call.model.scheduler.steps(decoded.inputs, decoded.batch_size, deadline, scope))
+            return encode_response(request, call.model.spec, call.model.version, outputs, decoded.outputs)
+
+    async def infer_async(self, request: pb.ModelInferRequest, deadline: float | None, scope: CallScope,
+                          protocol: str) -> pb.ModelInferResponse:  # fmt: skip
+        """Serve one request on the running event loop (the HTTP endpoint)."""
+        with self._accounted(protocol, deadline) as call:
+            decoded = self._decode(request, call)
+            outputs = await run_async(call.model.scheduler.steps(decoded.inputs, decoded.batch_size, deadline, scope))
+            return encode_response(request, call.model.spec, call.model.version, outputs, decoded.outputs)
+
+    def _decode(self, request: pb.ModelInferRequest, call: _Call) -> DecodedRequest:
+        state = self.state
+        if not state.serving:
+            raise InferenceError(grpc.StatusCode.UNAVAILABLE,
+                                 "the server is shutting down" if state.draining
+                                 else "the server is not ready: models are still loading")
+        call.model = state.registry.get(request.model_name, request.model_version)
+        return decode_request(request, call.model.spec)
+
+    @contextmanager
+    def _accounted(self, protocol: str, deadline: float | None):
+        """Counts the call in flight while it runs, then records its outcome; an unexpected
+        exception becomes INTERNAL: a bug must cost one request, not the server."""
+        call = _Call(protocol, deadline, time.perf_counter())
+        self.state.begin_request()
+        try:
+            yield call
+        except InferenceError as error:
+            self._count(call, self._outcome(error, deadline))
+            raise
+        except Exception as error:
+            log.exception("inference on model %s failed", call.model.spec.name if call.model else "?")
+            self._count(call, "internal")
+            raise InferenceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}") from None
+        else:
+            self._count(call, "success")
+        finally:
+            self.state.end_request()
+
+    @staticmethod
+    def _outcome(error: InferenceError, deadline: float | None) -> str:
+        if error.code == grpc.StatusCode.CANCELLED:
+            # The call ended first: by the client's cancel, or by its deadline.
+            return "deadline_exceeded" if deadline is not None and time.monotonic() >= deadline else "cancelled"
+        return _OUTCOME.get(error.code, "internal")
+
+    def _count(self, call: _Call, outcome: str) -> None:
+        elapsed = time.perf_counter() - call.start
+        if call.model is None:
+            self.metrics.count_unknown_model_request(call.protocol, outcome)
+            return
+        call.model.metrics.count_request(call.protocol, outcome, elapsed)
+        if outcome == "invalid_argument":
+            call.model.stats.record_failure(int(elapsed * 1e9))
