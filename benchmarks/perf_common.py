@@ -57,7 +57,7 @@ def cpu_seconds(pid: int) -> float:
 def our_server_command(repository: Path, extra: list[str] = ()) -> list[str]:
     """`python -m server` on the ports ServerProcess fills in."""
     return [sys.executable, "-m", "server", "--model-repository", str(repository), "--host", "127.0.0.1",
-            "--grpc-port", "{grpc}", "--metrics-port", "{metrics}", *extra]
+            "--grpc-port", "{grpc}", "--metrics-port", "{metrics}", "--http-port", "{http}", *extra]
 
 
 @dataclass
@@ -68,11 +68,11 @@ class Snapshot:
 
 
 class ServerProcess:
-    """A server started by `command` (a list; `{grpc}` and `{metrics}` are filled with free ports)."""
+    """A server started by `command` (a list; `{grpc}`, `{http}` and `{metrics}` are filled with free ports)."""
 
     def __init__(self, command: list[str], log_path: Path, *, cwd: Path = ROOT, ready_timeout: float = 300):
-        self.port, self.metrics_port = free_port(), free_port()
-        command = [part.format(grpc=self.port, metrics=self.metrics_port, http=free_port()) for part in command]
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        command = [part.format(grpc=self.port, metrics=self.metrics_port, http=self.http_port) for part in command]
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(command, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
@@ -84,6 +84,10 @@ class ServerProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -1,11 +1,12 @@
 """Wire the server together and run its lifecycle.
 
   start:    read the repository, check the device, open the metrics port, start gRPC
-            (live at once, not ready), load the models (members before ensembles),
-            then turn ready (ServerReady, ModelReady, grpc.health.v1 SERVING).
-  SIGTERM / SIGINT:  turn not-ready, answer new inference requests UNAVAILABLE, let the
-            requests in flight finish (up to --grace-period), stop gRPC, exit 0.
-            A second signal exits at once.
+            and HTTP (live at once, not ready), load the models (members before
+            ensembles), then turn ready (ServerReady, ModelReady, /v2/health/ready,
+            grpc.health.v1 SERVING).
+  SIGTERM / SIGINT:  turn not-ready, answer new inference requests UNAVAILABLE (HTTP 503),
+            let the requests in flight on either protocol finish (up to --grace-period),
+            stop HTTP and gRPC, exit 0. A second signal exits at once.
 
 A problem found before serving (bad repository, `--device cuda` without CUDA, a port
 in use, a bad TLS or token setting, no model loadable) is a `StartupError`: one line,
@@ -22,12 +23,15 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.config import ServerSettings
 from server.health import HealthReporter, enable_reflection
+from server.http_app import HttpApp
+from server.http_server import HttpEndpoint
 from server.metrics import ServerMetrics
 from server.registry import ModelRegistry, load_models
 from server.repository import (
@@ -43,6 +47,7 @@ from server.security import (
     AUTH_TOKENS_ENV,
     BearerTokenInterceptor,
     SecurityConfigError,
+    TokenCheck,
     load_auth_tokens,
     server_credentials,
 )
@@ -87,8 +92,19 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-def _security(settings: ServerSettings, metrics: ServerMetrics) -> tuple[grpc.ServerCredentials | None, list]:
-    """TLS credentials (None: plaintext) and interceptors (token auth) from the settings."""
+@dataclass(frozen=True)
+class Security:
+    """TLS and bearer tokens, as both transports apply them."""
+
+    grpc_credentials: grpc.ServerCredentials | None  # None: plaintext
+    tokens: TokenCheck | None  # None: no authentication
+
+    def grpc_interceptors(self) -> list:
+        return [] if self.tokens is None else [BearerTokenInterceptor(self.tokens)]
+
+
+def _security(settings: ServerSettings, metrics: ServerMetrics) -> Security:
+    """TLS credentials and token checking from the settings."""
     if settings.tls_client_ca and not settings.tls_cert:
         raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     if bool(settings.tls_cert) != bool(settings.tls_key):
@@ -97,15 +113,14 @@ def _security(settings: ServerSettings, metrics: ServerMetrics) -> tuple[grpc.Se
     if settings.tls_cert:
         credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     tokens = load_auth_tokens(settings.auth_tokens_file, os.environ.get(AUTH_TOKENS_ENV))
-    interceptors = []
+    check = None
     if tokens:
-        interceptors.append(BearerTokenInterceptor(
-            tokens, on_reject=lambda reason: metrics.unauthenticated.labels(reason=reason).inc()))
-    log.info("gRPC security: %s; %s",
+        check = TokenCheck(tokens, on_reject=lambda reason: metrics.unauthenticated.labels(reason=reason).inc())
+    log.info("security (gRPC and HTTP): %s; %s",
              "plaintext" if credentials is None else
              "TLS with client certificates required (mutual TLS)" if settings.tls_client_ca else "TLS",
              f"bearer tokens required ({len(tokens)} accepted; health checks open)" if tokens else "no authentication")
-    return credentials, interceptors
+    return Security(credentials, check)
 
 
 async def serve(settings: ServerSettings) -> None:
@@ -113,15 +128,13 @@ async def serve(settings: ServerSettings) -> None:
     names = [spec.name for spec in specs]
     metrics = ServerMetrics()
     state = ServerState()
-    server, health = _open_ports(settings, state, repository, metrics)
-    server.start()
-    health.starting(names)
-    log.info("gRPC on %s (live, not ready); loading %d model(s) from %s: %s", settings.grpc_address,
-             len(names), settings.model_repository, ", ".join(names))
-
-    stop = asyncio.Event()
-    _install_signal_handlers(stop)
+    ports = _open_ports(settings, InferenceService(state, repository, metrics))
     try:
+        await ports.start(names)
+        log.info("%s (live, not ready); loading %d model(s) from %s: %s", ports.describe(), len(names),
+                 settings.model_repository, ", ".join(names))
+        stop = asyncio.Event()
+        _install_signal_handlers(stop)
         started = time.perf_counter()
         loaded = await _load_unless_stopped(specs, settings, metrics, stop)
         if loaded is None:  # a signal during loading: leave without serving
@@ -130,13 +143,13 @@ async def serve(settings: ServerSettings) -> None:
         names = _report_load_failures({**failures, **load_failures}, names, repository, metrics)
         state.ready = True
         metrics.ready.set(1)
-        health.serving(names)
+        ports.health.serving(names)
         log.info("ready: %d model(s) loaded in %.1f s", len(names), time.perf_counter() - started)
 
         await stop.wait()
-        await _drain(state, settings.grace_period_s, health, metrics)
+        await _drain(state, settings.grace_period_s, ports.health, metrics)
     finally:
-        await asyncio.to_thread(lambda: server.stop(FINAL_STOP_GRACE_S).wait())
+        await ports.stop()
         await asyncio.to_thread(state.registry.close)
         metrics.shutdown()
     log.info("stopped")
@@ -167,12 +180,37 @@ def _check_some_model_loads(loaded: list[str], failures: dict[str, str]) -> None
         raise StartupError("no model could be loaded: " + "; ".join(failures.values()))
 
 
-def _open_ports(settings: ServerSettings, state: ServerState, repository: Repository,
-                metrics: ServerMetrics) -> tuple[grpc.Server, HealthReporter]:  # fmt: skip
-    """Serve /metrics and bind the gRPC server (not started yet); a bad TLS or token
-    setting, or a port in use, is a StartupError."""
+@dataclass
+class Ports:
+    """What listens: gRPC (with health and reflection), HTTP/REST when on, and /metrics."""
+
+    grpc: grpc.Server
+    health: HealthReporter
+    http: HttpEndpoint | None
+    settings: ServerSettings
+
+    async def start(self, names: list[str]) -> None:
+        self.grpc.start()
+        self.health.starting(names)
+        if self.http is not None:
+            await self.http.start()
+
+    def describe(self) -> str:
+        http = f", HTTP on {self.settings.host}:{self.http.port}" if self.http is not None else ", no HTTP"
+        return f"gRPC on {self.settings.grpc_address}{http}"
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+        await asyncio.to_thread(lambda: self.grpc.stop(FINAL_STOP_GRACE_S).wait())
+
+
+def _open_ports(settings: ServerSettings, service: InferenceService) -> Ports:
+    """Serve /metrics and bind gRPC and HTTP (not serving yet); a bad TLS or token setting,
+    or a port in use, is a StartupError."""
+    metrics = service.metrics
     try:
-        credentials, interceptors = _security(settings, metrics)
+        security = _security(settings, metrics)
     except SecurityConfigError as error:
         raise StartupError(str(error)) from None
     try:
@@ -180,7 +218,22 @@ def _open_ports(settings: ServerSettings, state: ServerState, repository: Reposi
     except OSError as error:
         address = f"{settings.metrics_address}:{settings.metrics_port}"
         raise StartupError(f"cannot serve metrics on {address}: {error}") from None
+    try:
+        server, health = _grpc_server(settings, service, security)
+        http = None
+        if settings.http_port:
+            http = HttpEndpoint(HttpApp(service, security.tokens, settings.max_message_size), settings)
+    except StartupError:
+        metrics.shutdown()
+        raise
+    except OSError as error:
+        metrics.shutdown()
+        raise StartupError(f"cannot listen for HTTP on {settings.host}:{settings.http_port}: {error}") from None
+    return Ports(server, health, http, settings)
 
+
+def _grpc_server(settings: ServerSettings, service: InferenceService,
+                 security: Security) -> tuple[grpc.Server, HealthReporter]:  # fmt: skip
     # grpcio's thread-pool server, not grpc.aio. grpc.aio costs less CPU per call (bare, at
     # concurrency 16 here: 6,300 req/s against 3,800), but through grpcio 1.85 every grpc.aio
     # call that ends by its deadline or a client's cancel leaks native memory
@@ -188,18 +241,17 @@ def _open_ports(settings: ServerSettings, state: ServerState, repository: Reposi
     # answers DEADLINE_EXCEEDED before the deadline; the 5-minute soak grew 15 %. The
     # servicer runs on the worker threads and waits there for its batch: no event loop.
     server = grpc.server(ThreadPoolExecutor(max_workers=GRPC_WORKER_THREADS, thread_name_prefix="grpc"),
-                         options=_grpc_options(settings), interceptors=interceptors,
+                         options=_grpc_options(settings), interceptors=security.grpc_interceptors(),
                          maximum_concurrent_rpcs=settings.max_concurrent_rpcs)  # fmt: skip
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(InferenceService(state, repository, metrics)), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
     health = HealthReporter(server)
     enable_reflection(server)
     try:
-        if credentials is None:
+        if security.grpc_credentials is None:
             server.add_insecure_port(settings.grpc_address)
         else:
-            server.add_secure_port(settings.grpc_address, credentials)
+            server.add_secure_port(settings.grpc_address, security.grpc_credentials)
     except RuntimeError as error:
-        metrics.shutdown()
         raise StartupError(f"cannot listen for gRPC on {settings.grpc_address}: {error}") from None
     return server, health
 

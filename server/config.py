@@ -29,6 +29,7 @@ DEFAULT_MAX_QUEUE_SIZE = 1024
 class ServerSettings:
     model_repository: Path
     grpc_port: int = 8001
+    http_port: int = 8000  # 0: no HTTP/REST endpoint
     metrics_port: int = 8002
     host: str = "0.0.0.0"
     device: str = "auto"
@@ -87,9 +88,12 @@ settings_options: list[Callable] = [
                  "numbered version folders holding model.onnx."),
     _option("--grpc-port", type=click.IntRange(0, 65535), show_default=True,
             help="Port of the KServe v2 / Triton gRPC inference service (plus health and reflection)."),
+    _option("--http-port", type=click.IntRange(0, 65535), show_default=True,
+            help="Port of the KServe v2 REST endpoint (Triton's HTTP/REST protocol: JSON and binary "
+                 "tensors, health, metadata, statistics); 0 turns it off. Same models and batchers as gRPC."),
     _option("--metrics-port", type=click.IntRange(0, 65535), show_default=True,
             help="Port of the Prometheus /metrics endpoint."),
-    _option("--host", show_default=True, help="Address both ports listen on."),
+    _option("--host", show_default=True, help="Address the gRPC, HTTP and metrics ports listen on."),
     _option("--device", type=click.Choice(DEVICES), show_default=True,
             help="auto: CUDA when onnxruntime has it, else CPU (the fallback is logged and shown in "
                  "metrics and ModelConfig). cuda: fail at start-up when CUDA is unavailable."),

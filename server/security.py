@@ -134,16 +134,14 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Reject calls without a valid bearer token with UNAUTHENTICATED (health stays open)."""
+class TokenCheck:
+    """Which bearer tokens are accepted; shared by the gRPC interceptor and the HTTP endpoint."""
 
-    def __init__(self, tokens: Iterable[str], open_method_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES,
-                 on_reject: Callable[[str], None] | None = None):  # fmt: skip
+    def __init__(self, tokens: Iterable[str], on_reject: Callable[[str], None] | None = None):
         """`on_reject("missing" | "invalid")` is called for each refused call (a metric)."""
         self._tokens = tuple(token.encode() for token in tokens)
         if not self._tokens:
-            raise SecurityConfigError("BearerTokenInterceptor needs at least one token")
-        self._open_method_prefixes = open_method_prefixes
+            raise SecurityConfigError("bearer-token authentication needs at least one token")
         self._on_reject = on_reject
 
     def is_valid(self, token: str | None) -> bool:
@@ -154,22 +152,32 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         matches = [hmac.compare_digest(candidate, known) for known in self._tokens]
         return any(matches)
 
+    def rejection(self, token: str | None, how_to_send: str) -> str | None:
+        """None when `token` is accepted; else why not (counted), naming `how_to_send` it."""
+        if self.is_valid(token):
+            return None
+        if self._on_reject is not None:
+            self._on_reject("missing" if token is None else "invalid")
+        return f"missing bearer token: send {how_to_send}" if token is None else "invalid bearer token"
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Reject calls without a valid bearer token with UNAUTHENTICATED (health stays open)."""
+
+    def __init__(self, check: TokenCheck, open_method_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES):
+        self._check = check
+        self._open_method_prefixes = open_method_prefixes
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(self._open_method_prefixes):
             return handler
-        token = bearer_token(handler_call_details.invocation_metadata)
-        if self.is_valid(token):
+        reason = self._check.rejection(bearer_token(handler_call_details.invocation_metadata),
+                                       "metadata 'authorization: Bearer <token>'")
+        if reason is None:
             return handler
-        reason = (
-            "missing bearer token: send metadata 'authorization: Bearer <token>'"
-            if token is None
-            else "invalid bearer token"
-        )
         log.debug("rejected %s: %s", method, reason)
-        if self._on_reject is not None:
-            self._on_reject("missing" if token is None else "invalid")
         return _rejecting_handler(handler, reason)
 
 

@@ -118,13 +118,13 @@ def start_server(tmp_path_factory):
     def start(repository: Path | TinyRepository, *flags: str, wait: bool = True,
               env: dict[str, str] | None = None) -> RunningServer:
         path = repository.path if isinstance(repository, TinyRepository) else Path(repository)
-        grpc_port, metrics_port = free_port(), free_port()
+        grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
         log_path = logs / f"server-{len(started)}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        command = server_command(path, grpc_port, metrics_port, *flags, http_port=http_port)
         with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(server_command(path, grpc_port, metrics_port, *flags), cwd=ROOT, env=env,
-                                       stdout=log_file, stderr=subprocess.STDOUT)
-        server = RunningServer(process, grpc_port, metrics_port, log_path)
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        server = RunningServer(process, grpc_port, metrics_port, log_path, http_port)
         started.append(server)
         if wait:
             wait_until_ready(server)

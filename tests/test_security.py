@@ -26,6 +26,7 @@ from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.security import (
     BearerTokenInterceptor,
     SecurityConfigError,
+    TokenCheck,
     bearer_token,
     load_auth_tokens,
     server_credentials,
@@ -66,7 +67,7 @@ def run_on_client_loop(coroutine):
 @contextmanager
 def running_server(credentials: grpc.ServerCredentials | None = None, tokens=()):
     """A gRPC thread-pool server (as the real server runs) on 127.0.0.1:<free port>; yields the port."""
-    interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+    interceptors = [BearerTokenInterceptor(TokenCheck(tokens))] if tokens else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(_LiveOnly(), server)
     health_servicer = health.HealthServicer()
@@ -139,9 +140,9 @@ def test_bearer_token_parsing(metadata, expected):
     assert bearer_token(metadata) == expected
 
 
-def test_interceptor_needs_a_token():
+def test_token_check_needs_a_token():
     with pytest.raises(SecurityConfigError):
-        BearerTokenInterceptor([])
+        TokenCheck([])
 
 
 # --------------------------------------------------------------------------- TLS file checks

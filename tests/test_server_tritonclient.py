@@ -1,4 +1,5 @@
-"""Triton's own Python client, unmodified, against our server.
+"""Triton's own Python clients, unmodified, against our server: tritonclient.grpc and
+tritonclient.http, the same calls and the same assertions for both.
 
 tritonclient cannot be imported next to our protocol modules (duplicate protobuf
 symbols, see the team brief), so a script runs it in a subprocess and prints JSON.
@@ -26,16 +27,22 @@ def run_script(name: str, *args: str, timeout: float = 120) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.fixture(scope="module")
-def report(server, tiny_repository, tmp_path_factory):
+# How each client reports an unknown model: a gRPC status, an HTTP status code.
+NOT_FOUND = {"grpc": "StatusCode.NOT_FOUND", "http": "404"}
+
+
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def report(request, server, tiny_repository, tmp_path_factory):
     if importlib.util.find_spec("tritonclient") is None:  # never import it here: see the module docstring
         pytest.skip("tritonclient is not installed (the 'test' extra)")
     images = tiny_repository.images(3, seed=5)
     path = tmp_path_factory.mktemp("tritonclient") / "images.npy"
     np.save(path, images)
-    report = run_script("check_server.py", "--url", server.grpc_address, "--images", str(path),
+    url = server.grpc_address if request.param == "grpc" else f"127.0.0.1:{server.http_port}"
+    report = run_script("check_server.py", "--protocol", request.param, "--url", url, "--images", str(path),
                         "--model", tiny_repository.ensemble, "--model", tiny_repository.members[0])
     report["images"] = images
+    report["protocol"] = request.param
     return report
 
 
@@ -44,7 +51,7 @@ def test_server_calls(report):
     assert report["server_metadata"]["name"] == "ensemble-serving"
     assert {"classification", "model_configuration", "statistics"} <= set(report["server_metadata"]["extensions"])
     assert report["unknown_model_ready"] is False
-    assert report["unknown_model_error"]["status"] == "StatusCode.NOT_FOUND"
+    assert report["unknown_model_error"]["status"] == NOT_FOUND[report["protocol"]]
     assert "unknown model 'no-such-model'" in report["unknown_model_error"]["message"]
 
 
@@ -52,8 +59,10 @@ def test_model_metadata_and_config(report, tiny_repository):
     for model in (tiny_repository.ensemble, tiny_repository.members[0]):
         answer = report["models"][model]
         assert answer["ready"] is True
-        assert answer["metadata"]["inputs"] == [{"name": "images", "datatype": "UINT8",
-                                                 "shape": ["-1", *map(str, tiny_repository.image_shape)]}]
+        (tensor,) = answer["metadata"]["inputs"]
+        assert (tensor["name"], tensor["datatype"]) == ("images", "UINT8")
+        # gRPC's JSON writes int64 as strings, HTTP (as Triton) as numbers
+        assert [int(d) for d in tensor["shape"]] == [-1, *tiny_repository.image_shape]
         assert answer["config"]["max_batch_size"] == tiny_repository.max_batch_size
     assert report["models"][tiny_repository.ensemble]["config"]["platform"] == "ensemble"
 

@@ -32,11 +32,16 @@ class RunningServer:
     grpc_port: int
     metrics_port: int
     log_path: Path
+    http_port: int = 0  # 0: started without HTTP
     _channels: list = field(default_factory=list)
 
     @property
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -69,10 +74,12 @@ class RunningServer:
         return self.process.returncode
 
 
-def server_command(repository: Path, grpc_port: int, metrics_port: int, *flags: str) -> list[str]:
+def server_command(repository: Path, grpc_port: int, metrics_port: int, *flags: str, http_port: int = 0) -> list[str]:
+    """The server on these ports; HTTP only when `http_port` is given (its default, 8000, is
+    shared by every test server)."""
     return [sys.executable, "-m", "server", "--model-repository", str(repository),
             "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-            "--intra-op-threads", "1", "--inter-op-threads", "1", *flags]  # fmt: skip
+            "--http-port", str(http_port), "--intra-op-threads", "1", "--inter-op-threads", "1", *flags]  # fmt: skip
 
 
 def wait_until(server: RunningServer, ready: Callable[[], bool], timeout: float = SERVER_START_TIMEOUT_S,

@@ -1,11 +1,15 @@
-"""Drive a running server with tritonclient.grpc and print what it answered as JSON.
+"""Drive a running server with tritonclient.grpc or tritonclient.http and print what it
+answered as JSON.
 
     python tests/tritonclient_scripts/check_server.py --url 127.0.0.1:8001 --model tiny --model tiny-m0
+    python tests/tritonclient_scripts/check_server.py --protocol http --url 127.0.0.1:8000 --model tiny
 
 Runs in its own process: tritonclient registers Triton's protobuf symbols, which clash
 with ours (team brief). For every --model: is_model_ready, get_model_metadata,
-get_model_config, infer with raw (binary) and typed contents, classification, and
-get_inference_statistics; plus the server-level calls once. The test asserts on the JSON.
+get_model_config, infer with raw (binary) and typed (gRPC typed contents, HTTP JSON data)
+tensors, classification, and get_inference_statistics; plus the server-level calls once.
+The two clients answer alike except where their APIs differ (as_json, the config
+wrapper); those differences are ironed out here so that the test asserts on one JSON.
 """
 
 from __future__ import annotations
@@ -14,13 +18,19 @@ import argparse
 import json
 
 import numpy as np
-import tritonclient.grpc as triton
+import tritonclient.grpc
+import tritonclient.http
 from tritonclient.utils import InferenceServerException
+
+triton = tritonclient.grpc
+JSON = {"as_json": True}  # tritonclient.grpc's calls answer protobuf unless asked; http's answer JSON
 
 
 def infer(client, model: str, images: np.ndarray, typed: bool, class_count: int = 0):
     tensor = triton.InferInput("images", list(images.shape), "UINT8")
-    if typed:
+    if triton is tritonclient.http:
+        tensor.set_data_from_numpy(images, binary_data=not typed)
+    elif typed:
         # tritonclient has no public setter for typed contents; fill the proto it sends.
         tensor._get_tensor().contents.uint_contents.extend(images.reshape(-1).tolist())
     else:
@@ -31,13 +41,14 @@ def infer(client, model: str, images: np.ndarray, typed: bool, class_count: int 
 
 
 def check_model(client, model: str, images: np.ndarray) -> dict:
-    metadata = client.get_model_metadata(model, as_json=True)
-    config = client.get_model_config(model, as_json=True)["config"]
+    metadata = client.get_model_metadata(model, **JSON)
+    config = client.get_model_config(model, **JSON)
+    config = config.get("config", config)  # gRPC wraps it in ModelConfigResponse
     raw = infer(client, model, images, typed=False)
     typed = infer(client, model, images, typed=True)
     top = infer(client, model, images, typed=False, class_count=3)
-    stats = client.get_inference_statistics(model, as_json=True)
-    response = raw.get_response(as_json=True)
+    stats = client.get_inference_statistics(model, **JSON)
+    response = raw.get_response(**JSON)
     return {
         "ready": client.is_model_ready(model),
         "metadata": metadata,
@@ -56,13 +67,17 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--model", action="append", required=True)
     parser.add_argument("--images", required=True, help=".npy file of uint8 images [N, H, W, C]")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     args = parser.parse_args()
+    global triton, JSON
+    if args.protocol == "http":
+        triton, JSON = tritonclient.http, {}
     images = np.load(args.images)
     client = triton.InferenceServerClient(args.url)
     report = {
         "live": client.is_server_live(),
         "ready": client.is_server_ready(),
-        "server_metadata": client.get_server_metadata(as_json=True),
+        "server_metadata": client.get_server_metadata(**JSON),
         "models": {model: check_model(client, model, images) for model in args.model},
     }
     try:

@@ -1,0 +1,284 @@
+"""KServe v2 REST bodies in and out: JSON, and Triton's binary tensor extension.
+
+An infer request body is a JSON header, optionally followed by binary tensor data:
+
+    {"id": "7", "parameters": {"binary_data_output": true},
+     "inputs":  [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28, 1],
+                  "parameters": {"binary_data_size": 784}}],        <- or "data": [...]
+     "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}
+    <784 bytes of pixels>
+
+with the header's length in the `Inference-Header-Content-Length` HTTP header when
+binary data follows. `infer_request` turns it into the same `ModelInferRequest` a gRPC
+client sends (every input raw), so both transports share one decoder, one validation and
+one set of messages (server.request_codec); only what is particular to HTTP (JSON that
+does not parse, `data` that does not fit its shape, binary sizes that do not add up) is
+checked here. `infer_response` writes the answer back as JSON, or with the outputs the
+request asked for in binary after the JSON header.
+
+`message_json` renders the other answers (metadata, config, statistics, index) as Triton
+does: protobuf's JSON mapping with the proto field names, and 64-bit integers as
+numbers instead of strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf import descriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from ensemble_serving.protocol import grpc_service_pb2 as pb
+from ensemble_serving.tensors import NUMPY_DTYPES, deserialize_bytes, serialize_bytes
+from server.request_codec import CLASSIFICATION_PARAMETERS, invalid
+
+HEADER_LENGTH = "inference-header-content-length"
+JSON_CONTENT_TYPE = "application/json"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Which outputs go back in binary: by name, and the default for the others."""
+
+    binary_by_default: bool
+    binary: dict[str, bool]
+
+    def is_binary(self, output: str) -> bool:
+        return self.binary.get(output, self.binary_by_default)
+
+
+# -- requests -------------------------------------------------------------------------------
+def infer_request(body: bytes, header_length: int | None, model: str, version: str
+                  ) -> tuple[pb.ModelInferRequest, ResponseFormat, float | None]:  # fmt: skip
+    """(the request as gRPC would carry it, how to answer it, its timeout in seconds or None)."""
+    header, binary = _split(body, header_length)
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    if "id" in header:
+        request.id = _typed(header["id"], str, "'id'")
+    parameters = _object(header.get("parameters", {}), "request 'parameters'")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise invalid("request JSON needs 'inputs': a non-empty list of tensors")
+    offset = 0
+    for index, tensor in enumerate(inputs):
+        offset = _add_input(request, _object(tensor, f"inputs[{index}]"), binary, offset)
+    if offset != len(binary):
+        raise invalid(f"the body carries {len(binary)} bytes of binary data after the JSON header; "
+                      f"the inputs' binary_data_size add up to {offset}")
+    response_format = _add_outputs(request, header.get("outputs", []), parameters)
+    return request, response_format, _timeout_s(parameters)
+
+
+def _split(body: bytes, header_length: int | None) -> tuple[dict, memoryview]:
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise invalid(f"{HEADER_LENGTH} is {header_length}; the body has {len(body)} bytes")
+    text = body if header_length is None else body[:header_length]
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f" (the first {header_length} bytes, per {HEADER_LENGTH})" if header_length else ""
+        raise invalid(f"request body{where} is not valid JSON: {error}") from None
+    return _object(header, "request JSON"), memoryview(body)[header_length or len(body):]
+
+
+def _object(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _typed(value, kind: type, what: str):
+    # bool is an int in Python; a JSON true is not a count.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise invalid(f"{what} must be {'an integer' if kind is int else 'a string'}, got {json.dumps(value)}")
+    return value
+
+
+def _add_input(request: pb.ModelInferRequest, tensor: dict, binary: memoryview, offset: int) -> int:
+    """Appends one input (its data raw); returns the offset of the next binary tensor."""
+    name = _typed(tensor.get("name"), str, "an input's 'name'")
+    datatype = _typed(tensor.get("datatype"), str, f"input {name!r}: 'datatype'")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):  # fmt: skip
+        raise invalid(f"input {name!r}: 'shape' must be a list of non-negative integers, got {json.dumps(shape)}")
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    size = _object(tensor.get("parameters", {}), f"input {name!r}: 'parameters'").get("binary_data_size")
+    if size is not None:
+        size = _typed(size, int, f"input {name!r}: binary_data_size")
+        if "data" in tensor:
+            raise invalid(f"input {name!r} has both 'data' and binary_data_size; use one")
+        if offset + size > len(binary):
+            raise invalid(f"input {name!r}: binary_data_size {size} at byte {offset} runs past the "
+                          f"{len(binary)} bytes of binary data after the JSON header")
+        request.raw_input_contents.append(bytes(binary[offset:offset + size]))
+        return offset + size
+    if "data" not in tensor:
+        raise invalid(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+    request.raw_input_contents.append(_json_data(name, datatype, shape, tensor["data"]))
+    return offset
+
+
+def _json_data(name: str, datatype: str, shape: list[int], data) -> bytes:
+    """The raw bytes of an input given as JSON `data` (flat or nested, row-major)."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        values = _flat(data)
+        if not all(isinstance(v, str) for v in values):
+            raise invalid(f"input {name!r} is BYTES: its data must be strings")
+        _check_count(name, len(values), shape, count)
+        return serialize_bytes([v.encode() for v in values])
+    dtype = NUMPY_DTYPES.get(datatype)
+    if dtype is None:
+        raise invalid(f"input {name!r} has datatype {datatype!r}; the protocol's datatypes are "
+                      f"{', '.join([*NUMPY_DTYPES, 'BYTES'])}")
+    values = _flat(data)
+    _check_count(name, len(values), shape, count)
+    return _numbers(name, datatype, dtype, values).tobytes()
+
+
+def _flat(data) -> list:
+    if not isinstance(data, list):
+        return [data]
+    flat: list = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _check_count(name: str, got: int, shape: list[int], needed: int) -> None:
+    if got != needed:
+        raise invalid(f"input {name!r} has {got} values in 'data'; shape {shape} needs {needed}")
+
+
+def _numbers(name: str, datatype: str, dtype: np.dtype, values: list) -> np.ndarray:
+    """`values` as `dtype`, refusing what does not fit: strings, non-integers for an
+    integer type, numbers for BOOL, integers out of range."""
+    if datatype == "BOOL":
+        if not all(isinstance(v, bool) for v in values):
+            raise invalid(f"input {name!r} is BOOL: its data must be true or false")
+        return np.array(values, dtype=dtype)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise invalid(f"input {name!r} is {datatype}: its data must be numbers")
+    if dtype.kind == "f":
+        return np.array(values, dtype=dtype)
+    if not all(isinstance(v, int) for v in values):
+        raise invalid(f"input {name!r} is {datatype}: its data must be integers")
+    info = np.iinfo(dtype)
+    if values and (min(values) < info.min or max(values) > info.max):
+        raise invalid(f"input {name!r} has values outside the {datatype} range [{info.min}, {info.max}] "
+                      f"(got {min(values)}..{max(values)})")
+    return np.array(values, dtype=dtype)
+
+
+def _add_outputs(request: pb.ModelInferRequest, outputs, parameters: dict) -> ResponseFormat:
+    if not isinstance(outputs, list):
+        raise invalid(f"request 'outputs' must be a list, got {type(outputs).__name__}")
+    binary_by_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_by_default, bool):
+        raise invalid(f"parameter binary_data_output must be true or false, got {json.dumps(binary_by_default)}")
+    binary = {}
+    for index, output in enumerate(outputs):
+        output = _object(output, f"outputs[{index}]")
+        name = _typed(output.get("name"), str, "an output's 'name'")
+        requested = request.outputs.add(name=name)
+        output_parameters = _object(output.get("parameters", {}), f"output {name!r}: 'parameters'")
+        if "binary_data" in output_parameters:
+            binary[name] = output_parameters["binary_data"] is True
+        for key in CLASSIFICATION_PARAMETERS:
+            if key in output_parameters:
+                requested.parameters[key].int64_param = _typed(output_parameters[key], int,
+                                                               f"output {name!r}: parameter {key!r}")
+    return ResponseFormat(binary_by_default, binary)
+
+
+def _timeout_s(parameters: dict) -> float | None:
+    """Triton's `timeout` request parameter (microseconds) in seconds."""
+    if "timeout" not in parameters:
+        return None
+    timeout_us = _typed(parameters["timeout"], int, "parameter 'timeout' (microseconds)")
+    if timeout_us < 0:
+        raise invalid(f"parameter 'timeout' is {timeout_us}; expected microseconds >= 0")
+    return timeout_us / 1e6 if timeout_us else None
+
+
+# -- responses ------------------------------------------------------------------------------
+def infer_response(response: pb.ModelInferResponse, response_format: ResponseFormat
+                   ) -> tuple[bytes, int | None]:  # fmt: skip
+    """(the body, the JSON header's length when binary outputs follow it, else None)."""
+    header: dict = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        header["id"] = response.id
+    blobs = []
+    outputs = header["outputs"] = []
+    for tensor, raw in zip(response.outputs, response.raw_output_contents):
+        output = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if response_format.is_binary(tensor.name):
+            output["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            output["data"] = _json_values(tensor.datatype, raw)
+        outputs.append(output)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if not blobs:
+        return text, None
+    return b"".join([text, *blobs]), len(text)
+
+
+def _json_values(datatype: str, raw: bytes) -> list:
+    if datatype == "BYTES":
+        return [value.decode(errors="replace") for value in deserialize_bytes(raw)]
+    return np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).tolist()
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def message_json(message: Message) -> bytes:
+    return json.dumps(message_dict(message), separators=(",", ":")).encode()
+
+
+def message_dict(message: Message) -> dict:
+    """A protobuf message as Triton's HTTP endpoint writes it."""
+    as_dict = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _int64_as_numbers(as_dict, message.DESCRIPTOR)
+
+
+_INT64 = {descriptor.FieldDescriptor.CPPTYPE_INT64, descriptor.FieldDescriptor.CPPTYPE_UINT64}
+
+
+def _int64_as_numbers(as_dict: dict, message_type: descriptor.Descriptor) -> dict:
+    """protobuf's JSON mapping writes 64-bit integers as strings; Triton writes numbers."""
+    for field in message_type.fields:
+        if field.name not in as_dict:
+            continue
+        value = as_dict[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            as_dict[field.name] = {key: _field_value(item, value_field) for key, item in value.items()}
+        elif isinstance(value, list):
+            as_dict[field.name] = [_field_value(item, field) for item in value]
+        else:
+            as_dict[field.name] = _field_value(value, field)
+    return as_dict
+
+
+def _field_value(value, field: descriptor.FieldDescriptor):
+    if field.cpp_type in _INT64 and isinstance(value, str):
+        return int(value)
+    if field.message_type is not None and isinstance(value, dict):
+        return _int64_as_numbers(value, field.message_type)
+    return value
