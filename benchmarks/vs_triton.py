@@ -3,15 +3,17 @@
     python benchmarks/vs_triton.py --model-repository model_repository \\
         --model mnist-m0 --model mnist --model cifar10-m0 --model cifar10 \\
         --concurrency 1,4,16,64 --json vs_triton.json --plot vs_triton.png
+    python benchmarks/vs_triton.py ... --protocols grpc,http     # both transports, in one run
 
 Triton (../shared/tools/triton/serve, or --triton PATH) and ours serve the same
 repository side by side, on free ports, and are measured one after the other at every
 point (model, concurrency): only one of them has load at any time, and a machine whose
 speed drifts during the run (shared cores do) moves both figures of a ratio alike. The
-idle one uses no CPU. For every point perf_analyzer (gRPC, one random image per request)
+idle one uses no CPU. For every point perf_analyzer (gRPC or HTTP, one random image per request)
 gives throughput, p50 and p99; the server's CPU seconds per request come from /proc (its whole process tree) over
 the same run, with the request count from its ModelStatistics. Then it prints each ratio
 ours / Triton, a table, and writes the JSON and the plot (req/s against concurrency).
+With both protocols it also prints HTTP / gRPC on each server.
 
 Run it on a quiet machine: nothing else (training, tests, another benchmark) beside it.
 Run on purpose, never in CI.
@@ -34,6 +36,7 @@ SERVERS = ("triton", "ours")
 @dataclass
 class Point:
     server: str
+    protocol: str
     model: str
     concurrency: int
     throughput: float
@@ -54,17 +57,19 @@ def start_server(name: str, args, workdir: Path) -> ServerProcess:
     return ServerProcess(server_command(name, args), workdir / f"{name}.log", cwd=cwd)
 
 
-def measure(name: str, server: ServerProcess, model: str, concurrency: int, args, workdir: Path) -> Point:
+def measure(name: str, server: ServerProcess, protocol: str, model: str, concurrency: int, args,
+            workdir: Path) -> Point:  # fmt: skip
     before = server.snapshot()
-    perf = run_perf_analyzer(args.perf_analyzer, server.address, model, concurrency, workdir,
+    address = server.http_address if protocol == "http" else server.address
+    perf = run_perf_analyzer(args.perf_analyzer, address, model, concurrency, workdir, protocol=protocol,
                              measurement_ms=args.measurement_ms, stability=args.stability)
     after = server.snapshot()
     requests = after.inferences.get(model, 0) - before.inferences.get(model, 0)
     cpu_ms = 1000 * (after.cpu_s - before.cpu_s) / max(requests, 1)
-    print(f"  {name:<6} {model:<14} c={concurrency:<3} {perf.throughput:9.1f} req/s  "
+    print(f"  {name:<6} {protocol:<4} {model:<14} c={concurrency:<3} {perf.throughput:9.1f} req/s  "
           f"p50 {perf.p50_ms:6.2f} ms  p99 {perf.p99_ms:6.2f} ms  CPU {cpu_ms:5.2f} ms/req"
           + ("" if perf.stable else "  (unstable)"), flush=True)
-    return Point(name, model, concurrency, perf.throughput, perf.p50_ms, perf.p99_ms, cpu_ms, perf.stable)
+    return Point(name, protocol, model, concurrency, perf.throughput, perf.p50_ms, perf.p99_ms, cpu_ms, perf.stable)
 
 
 def measure_all(servers: list[str], args, workdir: Path) -> list[Point]:
@@ -74,9 +79,11 @@ def measure_all(servers: list[str], args, workdir: Path) -> list[Point]:
         for name in servers:
             print(f"{name}: serving {args.model_repository}", flush=True)
             running[name] = start_server(name, args, workdir)
-        for model in args.model:
-            for concurrency in args.concurrency:
-                points += [measure(name, server, model, concurrency, args, workdir) for name, server in running.items()]
+        for protocol in args.protocols:
+            for model in args.model:
+                for concurrency in args.concurrency:
+                    points += [measure(name, server, protocol, model, concurrency, args, workdir)
+                               for name, server in running.items()]
     finally:
         for server in running.values():
             server.stop()
@@ -84,14 +91,14 @@ def measure_all(servers: list[str], args, workdir: Path) -> list[Point]:
 
 
 def ratios(points: list[Point]) -> list[dict]:
-    by_key = {(p.server, p.model, p.concurrency): p for p in points}
+    by_key = {(p.server, p.protocol, p.model, p.concurrency): p for p in points}
     rows = []
-    for (server, model, concurrency), ours in by_key.items():
-        triton = by_key.get(("triton", model, concurrency))
+    for (server, protocol, model, concurrency), ours in by_key.items():
+        triton = by_key.get(("triton", protocol, model, concurrency))
         if server != "ours" or triton is None:
             continue
         rows.append({
-            "model": model, "concurrency": concurrency,
+            "protocol": protocol, "model": model, "concurrency": concurrency,
             "triton_rps": triton.throughput, "ours_rps": ours.throughput, "ratio": ours.throughput / triton.throughput,
             "triton_p50_ms": triton.p50_ms, "ours_p50_ms": ours.p50_ms,
             "triton_p99_ms": triton.p99_ms, "ours_p99_ms": ours.p99_ms,
@@ -100,16 +107,36 @@ def ratios(points: list[Point]) -> list[dict]:
     return rows
 
 
+def http_over_grpc(points: list[Point]) -> list[dict]:
+    """Each server's HTTP throughput against its own gRPC one, point by point."""
+    by_key = {(p.server, p.protocol, p.model, p.concurrency): p for p in points}
+    return [{"server": server, "model": model, "concurrency": concurrency,
+             "http_rps": http.throughput, "grpc_rps": by_key[server, "grpc", model, concurrency].throughput,
+             "ratio": http.throughput / by_key[server, "grpc", model, concurrency].throughput}
+            for (server, protocol, model, concurrency), http in by_key.items()
+            if protocol == "http" and (server, "grpc", model, concurrency) in by_key]  # fmt: skip
+
+
 def print_table(rows: list[dict]) -> None:
-    header = (f"| {'model':<14} | {'c':>3} | {'Triton req/s':>12} | {'ours req/s':>10} | {'ours/Triton':>11} | "
+    header = (f"| {'proto':<5} | {'model':<14} | {'c':>3} | {'Triton req/s':>12} | {'ours req/s':>10} | {'ours/Triton':>11} | "
               f"{'p50 T / ours ms':>15} | {'p99 T / ours ms':>15} | {'CPU ms/req T / ours':>19} |")
     print("\n" + header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     for row in rows:
-        print(f"| {row['model']:<14} | {row['concurrency']:>3} | {row['triton_rps']:>12,.0f} | {row['ours_rps']:>10,.0f} "
+        print(f"| {row['protocol']:<5} | {row['model']:<14} | {row['concurrency']:>3} | {row['triton_rps']:>12,.0f} | {row['ours_rps']:>10,.0f} "
               f"| {row['ratio']:>11.2f} | {row['triton_p50_ms']:>6.2f} / {row['ours_p50_ms']:<6.2f} "
               f"| {row['triton_p99_ms']:>6.2f} / {row['ours_p99_ms']:<6.2f} "
               f"| {row['triton_cpu_ms']:>8.2f} / {row['ours_cpu_ms']:<8.2f} |")
+
+
+def print_http_over_grpc(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print("\n| server | model          |   c | HTTP req/s | gRPC req/s | HTTP/gRPC |")
+    print("|--------|----------------|-----|------------|------------|-----------|")
+    for row in rows:
+        print(f"| {row['server']:<6} | {row['model']:<14} | {row['concurrency']:>3} | {row['http_rps']:>10,.0f} "
+              f"| {row['grpc_rps']:>10,.0f} | {row['ratio']:>9.2f} |")
 
 
 def plot(points: list[Point], models: list[str], path: Path) -> None:
@@ -120,10 +147,13 @@ def plot(points: list[Point], models: list[str], path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.6), squeeze=False)
     for axis, model in zip(axes[0], models):
-        for server, style in zip(SERVERS, ("o--", "s-")):
-            mine = sorted((p for p in points if p.model == model and p.server == server), key=lambda p: p.concurrency)
-            axis.plot([p.concurrency for p in mine], [p.throughput for p in mine], style,
-                      label="NVIDIA Triton 2.51" if server == "triton" else "ensemble-serving")
+        for protocol, marker in zip(sorted({p.protocol for p in points}), ("o", "^")):
+            for server, line in zip(SERVERS, ("--", "-")):
+                mine = sorted((p for p in points if p.model == model and p.server == server and p.protocol == protocol),
+                              key=lambda p: p.concurrency)  # fmt: skip
+                label = "NVIDIA Triton 2.51" if server == "triton" else "ensemble-serving"
+                axis.plot([p.concurrency for p in mine], [p.throughput for p in mine], marker + line,
+                          label=f"{label} ({protocol})")
         axis.set_xscale("log", base=2)
         axis.set_title(model)
         axis.set_xlabel("concurrency (perf_analyzer)")
@@ -145,6 +175,7 @@ def main() -> None:
     parser.add_argument("--server-flag", action="append", default=[], help="extra flag for our server (repeatable)")
     parser.add_argument("--ours-root", type=Path, default=ROOT,
                         help="checkout whose server to run (e.g. a worktree of an older commit, for a before/after)")
+    parser.add_argument("--protocols", default="grpc", help="comma-separated: grpc, http, or both")
     parser.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
     parser.add_argument("--stability", type=int, default=20, help="perf_analyzer stability percentage")
     parser.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PERF_ANALYZER)
@@ -153,16 +184,19 @@ def main() -> None:
     args = parser.parse_args()
     args.model_repository = args.model_repository.resolve()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.protocols = args.protocols.split(",")
     servers = args.servers.split(",")
     if "triton" in servers and not args.triton.exists():
         raise SystemExit(f"no Triton serve script at {args.triton}; pass --triton PATH")
 
     with tempfile.TemporaryDirectory(prefix="vs-triton-") as tmp:
         points = measure_all(servers, args, Path(tmp))
-    rows = ratios(points)
+    rows, transports = ratios(points), http_over_grpc(points)
     print_table(rows)
+    print_http_over_grpc(transports)
     if args.json:
-        args.json.write_text(json.dumps({"points": [asdict(p) for p in points], "ratios": rows}, indent=2))
+        args.json.write_text(json.dumps({"points": [asdict(p) for p in points], "ratios": rows,
+                                         "http_over_grpc": transports}, indent=2))
     if args.plot:
         plot(points, args.model, args.plot)
 

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.security import ClientSecurity, open_channel
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from tests.support.http import call, infer, tls_context
 from tests.support.security import OTHER_TOKEN, TOKEN, pki, rpc_code  # noqa: F401 (pki is a fixture)
 from tests.support.servers import wait_until
 
@@ -72,7 +73,14 @@ def test_tls_server_end_to_end(start_server, tiny_repository, pki):
                                tiny_repository.expected_probabilities(model, images), rtol=1e-5, atol=1e-6)
     for stranger in (ClientSecurity(), ClientSecurity(ca_file=pki.other_ca)):  # plaintext; trusts another CA
         assert rpc_code(lambda: infer_images(server.grpc_address, stranger, model, images)) == grpc.StatusCode.UNAVAILABLE
-    assert "gRPC security: TLS; no authentication" in server.log()
+    assert "security (gRPC and HTTP): TLS; no authentication" in server.log()
+    # HTTPS on the HTTP port, with the same certificate
+    answer = infer(server.http_port, model, images, tls=tls_context(pki.ca))
+    np.testing.assert_allclose(answer.output(), tiny_repository.expected_probabilities(model, images),
+                               rtol=1e-5, atol=1e-6)
+    for stranger in (None, tls_context(pki.other_ca)):  # plaintext; trusts another CA
+        with pytest.raises(OSError):
+            call(server.http_port, "GET", "/v2/health/ready", tls=stranger, timeout=5)
 
     status = client_cli("status", "--url", server.grpc_address, "--tls-ca", str(pki.ca))
     assert status.returncode == 0, status.stdout + status.stderr
@@ -96,6 +104,11 @@ def test_mutual_tls_server_end_to_end(start_server, tiny_repository, pki):
     for outsider in (no_certificate, stranger):
         assert rpc_code(lambda: infer_images(server.grpc_address, outsider, model, images)) == grpc.StatusCode.UNAVAILABLE
     assert "mutual TLS" in server.log()
+    with_certificate = tls_context(pki.ca, pki.client.cert, pki.client.key)
+    assert call(server.http_port, "GET", "/v2/health/ready", tls=with_certificate).status == 200
+    for outsider in (tls_context(pki.ca), tls_context(pki.ca, pki.stranger.cert, pki.stranger.key)):
+        with pytest.raises(OSError):
+            call(server.http_port, "GET", "/v2/health/ready", tls=outsider, timeout=5)
 
     status = client_cli("status", "--url", server.grpc_address, env={
         "ENSEMBLE_SERVING_TLS_CA": str(pki.ca), "ENSEMBLE_SERVING_TLS_CERT": str(pki.client.cert),
@@ -135,9 +148,11 @@ def test_token_server_end_to_end(start_server, tiny_repository, pki, tmp_path, m
         reflection = reflection_stub(channel)
         assert rpc_code(reflection) == grpc.StatusCode.UNAUTHENTICATED
 
+    _check_http_tokens(server, tiny_repository, tls_context(pki.ca), expected)
+
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     assert 'ensemble_server_unauthenticated_requests_total{reason="missing"}' in text
-    assert 'ensemble_server_unauthenticated_requests_total{reason="invalid"} 1.0' in text
+    assert 'ensemble_server_unauthenticated_requests_total{reason="invalid"} 2.0' in text  # one gRPC, one HTTP
     assert TOKEN not in server.log() and OTHER_TOKEN not in server.log()
     assert "bearer tokens required (2 accepted; health checks open)" in server.log()
 
@@ -147,6 +162,21 @@ def test_token_server_end_to_end(start_server, tiny_repository, pki, tmp_path, m
     assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stdout + refused.stderr
     assert triton_client(server, tiny_repository, "--ca", str(pki.ca), "--token", OTHER_TOKEN)["ready"]
     assert "UNAUTHENTICATED" in triton_client(server, tiny_repository, "--ca", str(pki.ca))["error"]
+
+
+def _check_http_tokens(server, tiny_repository, tls, expected) -> None:
+    """Over HTTP: health open, everything else 401 without a valid `Authorization: Bearer`."""
+    model, images = tiny_repository.ensemble, tiny_repository.images(2)
+    port = server.http_port
+    assert call(port, "GET", "/v2/health/ready", tls=tls).status == 200
+    for path in ("/v2", f"/v2/models/{model}"):
+        refused = call(port, "GET", path, tls=tls)
+        assert refused.status == 401 and "missing bearer token" in refused.error
+        assert refused.headers["www-authenticate"] == "Bearer"
+    wrong = infer(port, model, images, tls=tls, headers={"Authorization": "Bearer guessed-token-0123456789abcdef"})
+    assert wrong.status == 401 and wrong.error == "invalid bearer token"
+    answer = infer(port, model, images, tls=tls, headers={"Authorization": f"Bearer {TOKEN}"})
+    np.testing.assert_allclose(answer.output(), expected, rtol=1e-5, atol=1e-6)
 
 
 def reflection_stub(channel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,12 @@ class Answer:
 
 
 def call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-         timeout: float = 30) -> Answer:  # fmt: skip
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+         timeout: float = 30, tls: ssl.SSLContext | None = None) -> Answer:  # fmt: skip
+    """One request on a fresh connection; HTTPS when `tls` is given."""
+    if tls is None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    else:
+        connection = http.client.HTTPSConnection("localhost", port, timeout=timeout, context=tls)
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
@@ -71,7 +76,15 @@ def json_infer_body(images: np.ndarray, nested: bool = False) -> bytes:
                                    "data": data}]}).encode()
 
 
-def infer(port: int, model: str, images: np.ndarray, binary: bool = True, version: str = "") -> Answer:
-    body, headers = binary_infer_body(images) if binary else (json_infer_body(images), {})
+def infer(port: int, model: str, images: np.ndarray, binary: bool = True, version: str = "",
+          tls: ssl.SSLContext | None = None, headers: dict | None = None) -> Answer:  # fmt: skip
+    body, body_headers = binary_infer_body(images) if binary else (json_infer_body(images), {})
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
-    return call(port, "POST", path, body, headers)
+    return call(port, "POST", path, body, {**body_headers, **(headers or {})}, tls=tls)
+
+
+def tls_context(ca, cert=None, key=None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
