@@ -226,7 +226,7 @@ def test_http_and_grpc_requests_share_one_execution(start_server, tiny_repositor
 
 
 def test_sigterm_drains_http_requests_then_exits_zero(start_server, tiny_repository):
-    server = start_server(tiny_repository, "--max-queue-delay-us", "1500000",
+    server = start_server(tiny_repository, "--max-queue-delay-us", "1500000", "--log-level", "debug",
                           env={"ENSEMBLE_SERVER_GRACE_PERIOD": "20"})
     member = tiny_repository.members[0]
     answers: list = []
@@ -249,4 +249,7 @@ def test_sigterm_drains_http_requests_then_exits_zero(start_server, tiny_reposit
         thread.join(30)
     assert [answer.status for answer in answers] == [200, 200, 200]
     assert server.process.wait(timeout=30) == 0
-    assert "all in-flight requests finished" in server.log()
+    log = server.log()
+    assert "all in-flight requests finished" in log
+    # the access log, at debug level: client, method, path, status
+    assert f"POST /v2/models/{member}/infer -> 200" in log and f"POST /v2/models/{member}/infer -> 503" in log
