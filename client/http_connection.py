@@ -122,7 +122,7 @@ class HttpConnection(Transport):
         if reply.status != 200:
             return None  # the index is Triton's extension, not core v2
         keys = ("name", "version", "state", "reason")
-        entries = [{key: str(entry.get(key, "")) for key in keys} for entry in _parse_json(reply, "RepositoryIndex")]
+        entries = [{key: str(entry.get(key, "")) for key in keys} for entry in self._parse_json(reply, "RepositoryIndex")]
         return sorted(entries, key=lambda entry: entry["name"])
 
     # ------------------------------------------------------------------ models
@@ -147,7 +147,7 @@ class HttpConnection(Transport):
         reply = self._call("GET", _model_path(name, version) + "/config", f"ModelConfig({name})")
         if reply.status != 200:
             return 0  # no model_configuration extension here
-        config = _parse_json(reply, f"ModelConfig({name})")
+        config = self._parse_json(reply, f"ModelConfig({name})")
         config = config.get("config", config)  # some servers wrap it, as gRPC's ModelConfigResponse does
         # Triton writes protobuf field names (max_batch_size); a JSON mapping may write maxBatchSize.
         return max(0, int(config.get("max_batch_size", config.get("maxBatchSize", 0)) or 0))
@@ -187,7 +187,15 @@ class HttpConnection(Transport):
         reply = self._call(method, path, what)
         if reply.status != 200:
             raise self._error(reply, what)
-        return _parse_json(reply, what)
+        return self._parse_json(reply, what)
+
+    def _parse_json(self, reply: _Reply, what: str):
+        try:
+            return json.loads(reply.body)
+        except ValueError:
+            text = first_line(reply.body[:200].decode("utf-8", errors="replace")) if reply.body else "an empty body"
+            raise ClientError(f"{what} failed on {self.url}: the answer is not JSON ({text}); "
+                              "is --url the server's HTTP port, 8000 by default?") from None  # fmt: skip
 
     def _call(self, method: str, path: str, what: str, body=b"", headers: dict | None = None) -> _Reply:
         """One request; a network failure or a timeout becomes a ClientError (an HTTP error status does not)."""
@@ -275,13 +283,6 @@ def _tensor_spec(tensor: dict) -> TensorSpec:
                       shape=tuple(int(d) for d in tensor["shape"]))  # fmt: skip
 
 
-def _parse_json(reply: _Reply, what: str):
-    try:
-        return json.loads(reply.body)
-    except ValueError:
-        raise ClientError(f"{what}: the server's answer is not JSON: {first_line(reply.body[:200].decode(errors='replace'))}") from None
-
-
 def _error_message(reply: _Reply) -> str:
     """The server's `{"error": "..."}`, else the body's first line, else the status's reason."""
     text = reply.body[:2000].decode("utf-8", errors="replace")
@@ -302,6 +303,6 @@ def _describe(error: BaseException) -> str:
         return "timed out"
     if isinstance(error, http.client.RemoteDisconnected):
         return "the server closed the connection without answering (not an HTTP server?)"
-    if isinstance(error, http.client.HTTPException):
-        return f"not an HTTP answer ({type(error).__name__}: {error})"
+    if isinstance(error, http.client.HTTPException):  # e.g. BadStatusLine: binary HTTP/2 frames, a gRPC port
+        return f"the answer is not HTTP/1.1 ({type(error).__name__})"
     return str(error) or type(error).__name__

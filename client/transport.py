@@ -261,6 +261,6 @@ def first_line(text: str) -> str:
     return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
 
 
-def unreachable(url: str, detail: str, port_hint: str) -> ClientError:
+def unreachable(url: str, detail: str, hint: str) -> ClientError:
     """The one message for a server that does not answer at all, over either protocol."""
-    return ClientError(f"server unreachable at {url}: {first_line(detail)} (is the server running, and {port_hint}?)")
+    return ClientError(f"server unreachable at {url}: {first_line(detail)} ({hint})")
