@@ -22,6 +22,7 @@ import concurrent.futures
 import http.client
 import json
 import socket
+import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ _NOT_READY = (400, 404, 503)
 _REFUSED = (400, 501)  # the request itself was judged wrong or unsupported (ServerError.refused)
 _STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 UNREACHABLE_HINT = "is the server running, and is --url its HTTP port, 8000 by default?"
+TLS_HINT = ("does the server serve TLS on this port (else write http://), does --tls-ca hold the CA that signed its "
+            "certificate, and for mutual TLS --tls-cert / --tls-key a certificate it trusts?")  # fmt: skip
 TIMEOUT_HINT = " (raise --timeout, or lower --batch-size)"
 MAX_POOL_THREADS = 256  # an upper bound only: threads start as --concurrency needs them
 
@@ -103,6 +106,8 @@ class HttpConnection(Transport):
     def check_live(self) -> ServerMetadata:
         try:
             reply = self._exchange("GET", "/v2/health/live")
+        except ssl.SSLError as error:  # the server is there; TLS is what failed
+            raise ClientError(f"TLS with {self.url} failed: {first_line(str(error))} ({TLS_HINT})") from None
         except (OSError, http.client.HTTPException) as error:
             raise unreachable(self.url, _describe(error), UNREACHABLE_HINT) from None
         if reply.status in (400, 503):  # (a 404 here means this is not a v2 server: an error below)
