@@ -127,7 +127,8 @@ class HttpConnection(Transport):
         if reply.status != 200:
             return None  # the index is Triton's extension, not core v2
         keys = ("name", "version", "state", "reason")
-        entries = [{key: str(entry.get(key, "")) for key in keys} for entry in self._parse_json(reply, "RepositoryIndex")]
+        index = self._parse_json(reply, "RepositoryIndex")
+        entries = [{key: str(entry.get(key, "")) for key in keys} for entry in index]
         return sorted(entries, key=lambda entry: entry["name"])
 
     # ------------------------------------------------------------------ models
@@ -207,7 +208,8 @@ class HttpConnection(Transport):
         try:
             return self._exchange(method, path, body, headers)
         except TimeoutError:
-            raise ClientError(f"{what} failed on {self.url}: no answer within {self.timeout_s:g} s{TIMEOUT_HINT}") from None
+            late = f"no answer within {self.timeout_s:g} s{TIMEOUT_HINT}"
+            raise ClientError(f"{what} failed on {self.url}: {late}") from None
         except (OSError, http.client.HTTPException) as error:
             raise ClientError(f"{what} failed on {self.url}: {_describe(error)}") from None
 

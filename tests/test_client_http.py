@@ -60,7 +60,8 @@ def test_binary_output_is_found_after_the_outputs_before_it():
     body, header_length = _binary_response([
         ({"name": "other", "datatype": "INT64", "shape": [3]}, np.arange(3, dtype="<i8").tobytes()),
         ({"name": "probabilities", "datatype": "FP32", "shape": [2, 2]}, scores.tobytes()),
-        ({"name": "classes", "datatype": "BYTES", "shape": [1, 2]}, b"".join(struct.pack("<I", len(e)) + e for e in labels)),
+        ({"name": "classes", "datatype": "BYTES", "shape": [1, 2]},
+         b"".join(struct.pack("<I", len(e)) + e for e in labels)),
     ])  # fmt: skip
     np.testing.assert_array_equal(output_array(body, header_length, "probabilities"), scores)
     classes = output_array(body, header_length, "classes")
@@ -175,7 +176,8 @@ def _probabilities_answer(handler, scores=np.full((1, 10), 0.1, np.float32)):
 
 
 def test_an_error_body_becomes_the_one_line_message(stub):
-    stub.routes["POST /v2/models/mnist/infer"] = lambda h: reply(h, 400, {"error": "unexpected shape for input 'images'\nmore"})
+    message = {"error": "unexpected shape for input 'images'\nmore"}
+    stub.routes["POST /v2/models/mnist/infer"] = lambda h: reply(h, 400, message)
     with connect(stub.url) as connection, pytest.raises(ServerError) as caught:
         connection.infer(MNIST_MODEL, np.zeros((1, 28, 28, 1), np.uint8))
     assert str(caught.value) == (f"inference on model 'mnist' failed on {stub.url}: "
@@ -185,8 +187,9 @@ def test_an_error_body_becomes_the_one_line_message(stub):
 
 def test_an_error_answer_that_is_not_json_still_reads_as_one_line(stub):
     stub.routes["GET /v2/models/mnist"] = lambda h: reply(h, 502, b"Bad Gateway\n<html>proxy page</html>")
-    with connect(stub.url) as connection, pytest.raises(ServerError, match="ModelMetadata\\(mnist\\) failed on .*: HTTP 502: Bad Gateway$"):
+    with connect(stub.url) as connection, pytest.raises(ServerError) as caught:
         connection.model_metadata("mnist")
+    assert str(caught.value) == f"ModelMetadata(mnist) failed on {stub.url}: HTTP 502: Bad Gateway"
 
 
 def test_a_request_slower_than_the_timeout(stub):
@@ -210,7 +213,7 @@ def test_a_keep_alive_connection_the_server_closed_is_reopened(stub):
 
 def test_a_server_that_hangs_up_without_answering(stub):
     stub.routes["GET /v2/health/live"] = lambda h: setattr(h, "close_connection", True)
-    with connect(stub.url) as connection, pytest.raises(ClientError, match="server unreachable at .*closed the connection"):
+    with connect(stub.url) as connection, pytest.raises(ClientError, match="unreachable at .*closed the connection"):
         connection.check_live()
 
 
