@@ -247,7 +247,8 @@ def test_deployment_ports_probes_and_metrics_annotations():
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
     # httpGet probes on the KServe v2 health endpoints, by the port's name.
-    paths = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
+    ready, live = "/v2/health/ready", "/v2/health/live"
+    paths = {"startupProbe": ready, "readinessProbe": ready, "livenessProbe": live}
     for probe, path in paths.items():
         assert container[probe]["httpGet"] == {"path": path, "port": "http"}, f"{probe} must GET {path}"
     service_ports = {port["name"]: port for port in resources["Service"]["spec"]["ports"]}
@@ -298,7 +299,7 @@ def test_compose_wiring():
     assert (DEPLOY / server["build"]["context"] / server["build"]["dockerfile"]).resolve() == DOCKERFILES[0]
     (volume,) = server["volumes"]
     assert volume["target"] == "/models" and volume["read_only"] is True
-    assert {f"{HTTP_PORT}:{HTTP_PORT}", f"{GRPC_PORT}:{GRPC_PORT}", f"{METRICS_PORT}:{METRICS_PORT}"} <= set(server["ports"])
+    assert {f"{port}:{port}" for port in (HTTP_PORT, GRPC_PORT, METRICS_PORT)} <= set(server["ports"])
     # The health check is deploy/healthcheck.py, which GETs /v2/health/ready (tests/test_deploy_images.py).
     assert server["healthcheck"]["test"] == ["CMD", "python3", "/opt/healthcheck.py"]
     # Every file compose mounts exists in the repository.
