@@ -14,8 +14,7 @@ Fixtures (use them from any test file):
   start_server      session-scoped factory: `start_server(repository, *extra_flags,
                     wait=True, env=None)` starts `python -m server` on free ports (extra
                     environment variables in `env`) and waits until it is ready;
-                    returns a `RunningServer` (grpc_address, http_url once the server
-                    has HTTP, metrics_url, stub(), log()).
+                    returns a `RunningServer` (grpc_address, metrics_url, stub(), log()).
                     Every server it started is stopped at the end of the session.
   server            session-scoped `RunningServer` on `tiny_repository` (default flags).
   inference_stub    a GRPCInferenceService stub connected to `server`.
@@ -41,7 +40,7 @@ import numpy as np
 import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
-from tests.support.servers import ROOT, RunningServer, free_port, server_command, server_has_http, wait_until_ready
+from tests.support.servers import ROOT, RunningServer, free_port, server_command, wait_until_ready
 
 
 def pytest_configure(config):
@@ -119,14 +118,13 @@ def start_server(tmp_path_factory):
     def start(repository: Path | TinyRepository, *flags: str, wait: bool = True,
               env: dict[str, str] | None = None) -> RunningServer:
         path = repository.path if isinstance(repository, TinyRepository) else Path(repository)
-        grpc_port, metrics_port = free_port(), free_port()
-        http_port = free_port() if server_has_http() else None
+        grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
         log_path = logs / f"server-{len(started)}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        command = server_command(path, grpc_port, metrics_port, *flags, http_port=http_port)
         with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(server_command(path, grpc_port, metrics_port, *flags, http_port=http_port),
-                                       cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        server = RunningServer(process, grpc_port, metrics_port, log_path, http_port=http_port)
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        server = RunningServer(process, grpc_port, metrics_port, log_path, http_port)
         started.append(server)
         if wait:
             wait_until_ready(server)

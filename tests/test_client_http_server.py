@@ -1,14 +1,14 @@
 """The client over HTTP/REST against our real server: the same answers, reports and messages
 as over gRPC (test_client.py), and HTTPS, mutual TLS and bearer tokens (test_security_server.py).
 
-The whole module skips while the server has no --http-port and runs as soon as it has
-(tests/support/servers.py).
+The whole module skips while the server has no --http-port and runs as soon as it has.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import functools
 import subprocess
 import sys
 
@@ -22,7 +22,14 @@ from client.security import ClientSecurity
 from client.transport import ClientError, connect
 from tests.support import known_answer as known
 from tests.support.security import TOKEN, pki  # noqa: F401, F811 (pki is a fixture)
-from tests.support.servers import ROOT, http_url_or_skip, server_has_http, wait_until
+from tests.support.servers import ROOT, wait_until
+
+
+@functools.cache
+def server_has_http() -> bool:
+    result = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    return "--http-port" in result.stdout
 
 
 # Decided at collection (`server --help`, half a second), before any fixture builds a repository or starts a server.
@@ -59,7 +66,7 @@ def one_error_line(result) -> str:
 
 
 def test_evaluate_over_http_reports_the_known_answer_exactly(known_server, known_data_dir, tmp_path):
-    url = http_url_or_skip(known_server)
+    url = known_server.http_url
     result = run_client("evaluate", "--dataset", "mnist", "--data-dir", str(known_data_dir), "--no-download",
                         "--url", url, "--model", "known", "--batch-size", "3", "--concurrency", "2",
                         "--top-k", "2", "--out", str(tmp_path))  # fmt: skip
@@ -75,7 +82,7 @@ def test_evaluate_over_http_reports_the_known_answer_exactly(known_server, known
 
 @pytest.mark.parametrize("batch_size, concurrency", [(1, 1), (64, 8)])
 def test_streamed_probabilities_over_http_match_onnxruntime(server, tiny_repository, batch_size, concurrency):
-    url = http_url_or_skip(server)
+    url = server.http_url
     images = tiny_repository.images(45, seed=3)
     with connect(url) as connection:
         model = connection.image_model(tiny_repository.ensemble)
@@ -87,7 +94,7 @@ def test_streamed_probabilities_over_http_match_onnxruntime(server, tiny_reposit
 
 
 def test_status_over_http_says_what_grpc_says(server):
-    url = http_url_or_skip(server)
+    url = server.http_url
     over = {}
     for protocol, address in (("grpc", server.grpc_address), ("http", url)):
         result = CliRunner().invoke(main, ["status", "--url", address, "--json"])
@@ -100,7 +107,7 @@ def test_status_over_http_says_what_grpc_says(server):
 def test_predict_over_http_names_the_classes_through_the_extension(known_server, tmp_path):
     from PIL import Image
 
-    url = http_url_or_skip(known_server)
+    url = known_server.http_url
     Image.fromarray(known.images()[7, :, :, 0], mode="L").save(tmp_path / "seven.png")  # predicted 5, runner-up 2
     result = run_client("predict", str(tmp_path / "seven.png"), "--url", url, "--model", "known", "--top-k", "2",
                         "--json")  # fmt: skip
@@ -118,7 +125,7 @@ def test_predict_over_http_names_the_classes_through_the_extension(known_server,
     ("other", ["model 'other' is on server {url} but not ready", "not selected with --model"]),
 ])  # fmt: skip
 def test_model_errors_over_http_read_as_over_grpc(known_server, known_data_dir, model, fragments):
-    url = http_url_or_skip(known_server)
+    url = known_server.http_url
     for address in (known_server.grpc_address, url):
         line = one_error_line(run_client("evaluate", "--dataset", "mnist", "--data-dir", str(known_data_dir),
                                          "--url", address, "--model", model))  # fmt: skip
@@ -127,7 +134,7 @@ def test_model_errors_over_http_read_as_over_grpc(known_server, known_data_dir, 
 
 
 def test_an_invalid_request_over_http_is_the_server_s_400_message(server, tiny_repository):
-    url = http_url_or_skip(server)
+    url = server.http_url
     with connect(url) as connection:
         model = connection.image_model(tiny_repository.ensemble)
         wrong = tiny_repository.images(1)[:, :-1]  # one row short
@@ -139,7 +146,7 @@ def test_an_invalid_request_over_http_is_the_server_s_400_message(server, tiny_r
 
 
 def _https_url(server) -> str:
-    return http_url_or_skip(server).replace("http://", "https://")
+    return server.http_url.replace("http://", "https://")
 
 
 def _wait_ready(server, url: str, security: ClientSecurity) -> None:

@@ -1,9 +1,4 @@
-"""Server subprocesses for the tests: the command line, free ports, the one ready-wait loop.
-
-HTTP/REST (issue 14): once `server --help` lists --http-port, every server started here
-gets a free HTTP port too (RunningServer.http_url), and tests that ask for it with
-`http_url_or_skip(server)` run; before that they skip.
-"""
+"""Server subprocesses for the tests: the command line, free ports, the one ready-wait loop."""
 
 from __future__ import annotations
 
@@ -18,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -39,7 +33,7 @@ class RunningServer:
     grpc_port: int
     metrics_port: int
     log_path: Path
-    http_port: int | None = None  # None: the server under test has no HTTP yet
+    http_port: int = 0  # 0: started without HTTP
     _channels: list = field(default_factory=list)
 
     @property
@@ -48,8 +42,6 @@ class RunningServer:
 
     @property
     def http_url(self) -> str:
-        if self.http_port is None:
-            raise RuntimeError("this server was started without HTTP (server --help has no --http-port)")
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
@@ -83,29 +75,22 @@ class RunningServer:
         return self.process.returncode
 
 
+def server_command(repository: Path, grpc_port: int, metrics_port: int, *flags: str, http_port: int = 0) -> list[str]:
+    """The server on these ports; HTTP only when `http_port` is given (its default, 8000, is
+    shared by every test server)."""
+    http = ["--http-port", str(http_port)] if server_has_http() else []
+    return [sys.executable, "-m", "server", "--model-repository", str(repository),
+            "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+            *http, "--intra-op-threads", "1", "--inter-op-threads", "1", *flags]  # fmt: skip
+
+
 @functools.cache
 def server_has_http() -> bool:
-    """Whether the server under test takes --http-port (asked once per session)."""
+    """Whether this checkout's server takes --http-port (issue 14's client half was written before
+    its server half; once both are in, `server_command` can pass --http-port unconditionally)."""
     result = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     return "--http-port" in result.stdout
-
-
-def http_url_or_skip(server: RunningServer) -> str:
-    """The server's HTTP URL; skips the test while the server under test has no HTTP."""
-    if server.http_port is None:
-        pytest.skip("the server has no --http-port yet (issue 14)")
-    return server.http_url
-
-
-def server_command(repository: Path, grpc_port: int, metrics_port: int, *flags: str,
-                   http_port: int | None = None) -> list[str]:  # fmt: skip
-    """The server on 127.0.0.1 with one onnxruntime thread. With HTTP, on `http_port`; without
-    one, HTTP is turned off (--http-port 0) so that no two test servers fight over 8000."""
-    http = ["--http-port", str(http_port or 0)] if server_has_http() else []
-    return [sys.executable, "-m", "server", "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), *http,
-            "--intra-op-threads", "1", "--inter-op-threads", "1", *flags]  # fmt: skip
 
 
 def wait_until(server: RunningServer, ready: Callable[[], bool], timeout: float = SERVER_START_TIMEOUT_S,
