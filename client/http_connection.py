@@ -109,6 +109,10 @@ class HttpConnection(Transport):
         except ssl.SSLError as error:  # the server is there; TLS is what failed
             raise ClientError(f"TLS with {self.url} failed: {first_line(str(error))} ({TLS_HINT})") from None
         except (OSError, http.client.HTTPException) as error:
+            if self._ssl_context is not None and isinstance(error, _STALE_CONNECTION):
+                # TLS 1.3 checks a client's certificate after the handshake: a refused one reads as a hang-up.
+                raise ClientError(f"TLS with {self.url} failed: the server closed the connection without "
+                                  f"answering ({TLS_HINT})") from None  # fmt: skip
             raise unreachable(self.url, _describe(error), UNREACHABLE_HINT) from None
         if reply.status in (400, 503):  # (a 404 here means this is not a v2 server: an error below)
             raise ClientError(f"server at {self.url} answers but reports it is not live")
