@@ -12,7 +12,7 @@ hands the command one `security` argument:
     def status(url, security): ...
         channel = open_channel(url, security)
 
-Flags (each with an environment variable):
+Flags (each with an environment variable; over HTTP, an https:// URL is what turns TLS on):
   --tls                  use TLS, trusting the system's CA certificates
   --tls-ca PEM           use TLS, trusting this CA (a private PKI)           ENSEMBLE_SERVING_TLS_CA
   --tls-cert / --tls-key this client's certificate and key (mutual TLS)      ENSEMBLE_SERVING_TLS_CERT / _KEY
