@@ -1,4 +1,7 @@
-"""`client`: evaluate, query and inspect a model served over the KServe v2 / Triton gRPC protocol.
+"""`client`: evaluate, query and inspect a model served over the KServe v2 / Triton protocol.
+
+gRPC by default (--url HOST:PORT); HTTP/REST when --url is an http:// or https:// URL
+(client/transport.py picks the transport; the reports are the same).
 
 Works against any server speaking the protocol (ours, Triton, KServe): it reads the
 model's metadata first and refuses, with one clear line, data that does not fit.
@@ -19,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from client.connection import ClientError, Connection
+from client.transport import ClientError, connect
 from client.security import security_options
 from ensemble_serving.datasets import DATASET_NAMES, DatasetError, load_dataset
 
@@ -31,7 +34,9 @@ stderr = Console(stderr=True)
 
 url_option = click.option(
     "--url", default=DEFAULT_URL, show_default=True, envvar=URL_ENV,
-    help=f"gRPC address of the server, HOST:PORT (env ${URL_ENV}).",
+    help="The server. HOST:PORT (or grpc://HOST:PORT) speaks gRPC, Triton's port 8001; "
+         "http://HOST:PORT speaks HTTP/REST, port 8000, and https://HOST:PORT the same over TLS "
+         f"(env ${URL_ENV}).",
 )  # fmt: skip
 timeout_option = click.option(
     "--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
@@ -61,11 +66,15 @@ def one_line_errors(command):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
-    """Evaluate and query image classifiers served over the KServe v2 / Triton gRPC protocol.
+    """Evaluate and query image classifiers served over the KServe v2 / Triton protocol.
+
+    --url picks the protocol: HOST:PORT for gRPC (the default), http://HOST:PORT or
+    https://HOST:PORT for HTTP/REST. Everything else works the same over both.
 
     \b
     client status   --url localhost:8001
     client evaluate --url localhost:8001 --model mnist --dataset mnist
+    client evaluate --url http://localhost:8000 --model mnist --dataset mnist
     client predict  --url localhost:8001 --model cifar10 cat.jpg dog.png
     """
 
@@ -105,7 +114,7 @@ def evaluate(dataset_name, url, model_name, model_version, data_dir, download, s
     """Send a real data set through a served model and report how well it classifies.
 
     Reads the data set, checks the model's input shape and datatype against it, streams
-    the images in batches (raw UINT8 tensors) with bounded concurrency, and reports
+    the images in batches (raw UINT8 tensors; binary tensors over HTTP) with bounded concurrency, and reports
     accuracy, top-k accuracy, per-class precision/recall/F1, the confusion matrix, mean
     confidence and calibration error (ECE), throughput and client-side latency
     percentiles. Writes report.json, per_class.csv and confusion_matrix.png to --out.
@@ -114,14 +123,15 @@ def evaluate(dataset_name, url, model_name, model_version, data_dir, download, s
 
     dataset = _load_dataset_with_notes(dataset_name, split, data_dir, download)
     images, labels = dataset.images[:limit], dataset.labels[:limit]
-    with Connection(url, timeout_s=timeout_s, security=security) as connection:
+    with connect(url, timeout_s=timeout_s, security=security) as connection:
         server, model, result = _stream_dataset(connection, model_name, model_version, images, dataset.class_names,
-                                                f"{dataset_name} {split}", batch_size, concurrency, timeout_s)  # fmt: skip
+                                                f"{dataset_name} {split}", batch_size, concurrency)  # fmt: skip
     context = {
         "model": model_name,
         "model_version": model_version,
         "platform": model.platform,
         "url": connection.url,
+        "protocol": connection.protocol,
         "server": {"name": server.name, "version": server.version},
         "dataset": dataset_name,
         "split": split,
@@ -137,7 +147,7 @@ def evaluate(dataset_name, url, model_name, model_version, data_dir, download, s
 
 
 def _stream_dataset(connection, model_name, model_version, images, class_names, dataset_label,
-                    batch_size, concurrency, timeout_s):  # fmt: skip
+                    batch_size, concurrency):  # fmt: skip
     """Check the model against the data set, then stream the images through it under a progress bar."""
     from client.evaluate import check_dataset_fits, effective_batch_size, stream_probabilities
 
@@ -151,7 +161,7 @@ def _stream_dataset(connection, model_name, model_version, images, class_names, 
         task = progress.add_task(f"{model_name} on {dataset_label}", total=len(images))
         result = stream_probabilities(
             connection, model, images, batch_size=batch_size, concurrency=concurrency,
-            timeout_s=timeout_s, on_progress=lambda count: progress.advance(task, count),
+            on_progress=lambda count: progress.advance(task, count),
         )  # fmt: skip
     return server, model, result
 
@@ -199,10 +209,10 @@ def predict(images, url, model_name, model_version, top_k, labels_path, as_json,
     from client.predict import predict_images, read_labels
 
     labels = read_labels(labels_path) if labels_path else None
-    with Connection(url, timeout_s=timeout_s, security=security) as connection:
+    with connect(url, timeout_s=timeout_s, security=security) as connection:
         connection.check_live()
         model = connection.image_model(model_name, model_version)
-        results = predict_images(connection, model, list(images), top_k=top_k, labels=labels, timeout_s=timeout_s)
+        results = predict_images(connection, model, list(images), top_k=top_k, labels=labels)
     if as_json:
         click.echo(json.dumps([result.as_dict() for result in results], indent=2))
         return
@@ -235,7 +245,7 @@ def status(url, model_names, as_json, timeout_s, security):
     """
     from client.status import print_status, server_status
 
-    with Connection(url, timeout_s=timeout_s, security=security) as connection:
+    with connect(url, timeout_s=timeout_s, security=security) as connection:
         info = server_status(connection, list(model_names))
     if as_json:
         click.echo(json.dumps(info, indent=2))

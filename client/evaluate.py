@@ -1,23 +1,23 @@
 """Stream a data set through a served model and gather its probabilities.
 
-Batches go out as gRPC futures with at most `concurrency` requests in flight (a
-semaphore released by each response), so the server's dynamic batcher sees a steady
-queue while the client holds only a bounded number of requests. Each request's
+Batches go out as futures (`Transport.submit_infer`: gRPC's own, or a thread per request
+in flight over HTTP) with at most `concurrency` requests in flight (a semaphore released
+by each response), so the server's dynamic batcher sees a steady queue while the client
+holds only a bounded number of requests. Each request's
 latency is measured client-side, from send to response, for the percentiles.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
-from client.connection import ClientError, Connection, ImageModel, rpc_error
-from client.inference import image_request, output_array
+from client.transport import ClientError, ImageModel, Transport
 
 
 @dataclass(frozen=True)
@@ -62,26 +62,27 @@ def _hwc(shape: tuple[int, ...]) -> str:
 
 
 def stream_probabilities(
-    connection: Connection,
+    connection: Transport,
     model: ImageModel,
     images: np.ndarray,
     batch_size: int = 64,
     concurrency: int = 4,
-    timeout_s: float = 60.0,
     on_progress: Callable[[int], None] | None = None,
 ) -> StreamResult:
-    """Send `images` in batches; return probabilities [N, C] in the order of `images`."""
+    """Send `images` in batches; return probabilities [N, C] in the order of `images`.
+
+    Each request waits up to the connection's timeout_s.
+    """
     if batch_size < 1 or concurrency < 1:
         raise ClientError(f"--batch-size and --concurrency must be >= 1, got {batch_size} and {concurrency}")
     batch_size = effective_batch_size(model, batch_size)
-    gatherer = _Gatherer(len(images), concurrency, model.probabilities_output.name, on_progress)
+    gatherer = _Gatherer(concurrency, on_progress)
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
         if not gatherer.wait_for_slot():
             break  # a request failed: stop sending, report that failure
         batch = images[start : start + batch_size]
-        request = image_request(model, batch)
-        gatherer.send(connection.stub.ModelInfer.future(request, timeout=timeout_s), start, len(batch))
+        gatherer.send(connection.submit_infer(model, batch), start, len(batch))
     gatherer.wait_for_all()
     wall_time_s = time.perf_counter() - started
     if gatherer.failure is not None:
@@ -101,10 +102,9 @@ def stream_probabilities(
 class _Gatherer:
     """Bookkeeping for in-flight requests: a slot semaphore, outputs by offset, the first failure."""
 
-    def __init__(self, total: int, concurrency: int, output_name: str, on_progress):
+    def __init__(self, concurrency: int, on_progress):
         self.slots = threading.Semaphore(concurrency)
         self.concurrency = concurrency
-        self.output_name = output_name
         self.on_progress = on_progress
         self.lock = threading.Lock()
         self.outputs: dict[int, np.ndarray] = {}
@@ -118,21 +118,21 @@ class _Gatherer:
             return False
         return True
 
-    def send(self, future: grpc.Future, start: int, count: int) -> None:
+    def send(self, future: concurrent.futures.Future, start: int, count: int) -> None:
         sent_at = time.perf_counter()
         future.add_done_callback(lambda done: self._on_done(done, start, count, sent_at))
 
-    def _on_done(self, future: grpc.Future, start: int, count: int, sent_at: float) -> None:
+    def _on_done(self, future: concurrent.futures.Future, start: int, count: int, sent_at: float) -> None:
         latency_s = time.perf_counter() - sent_at
         try:
-            scores = output_array(future.result(), self.output_name)
+            scores = future.result()
             scores = scores.reshape(count, -1)  # a non-batching model answers [C] for its one image
             with self.lock:
                 self.outputs[start] = scores
                 self.latencies_s.append(latency_s)
             if self.on_progress is not None:
                 self.on_progress(count)
-        except Exception as error:  # a callback must not raise: grpc would log it and lose it
+        except Exception as error:  # a callback must not raise: the future would log it and lose it
             with self.lock:
                 if self.failure is None:
                     self.failure = error
@@ -152,8 +152,5 @@ class _Gatherer:
     def client_error(self, url: str, model_name: str) -> ClientError:
         error = self.failure
         if isinstance(error, ClientError):
-            return error
-        if isinstance(error, grpc.RpcError):
-            hint = " (raise --timeout, or lower --batch-size)" if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ""
-            return rpc_error(error, f"inference on model {model_name!r}", url, hint)
+            return error  # the transport's own one-line message
         return ClientError(f"inference on model {model_name!r} at {url} returned an unreadable response: {error}")

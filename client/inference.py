@@ -1,4 +1,6 @@
-"""Building v2 ModelInfer requests from numpy images and reading tensors out of responses.
+"""gRPC wire encoding: v2 ModelInfer requests from numpy images, tensors out of responses.
+
+(The HTTP twin is client/http_inference.py.)
 
 Images go out as one UINT8 tensor in `raw_input_contents` (row-major bytes, the
 fastest encoding the protocol has). Outputs are read from `raw_output_contents`
@@ -9,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.connection import ClientError, ImageModel
+from client.transport import ClientError, ImageModel
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.tensors import CONTENTS_FIELD, NUMPY_DTYPES, deserialize_bytes
+
 
 def image_request(model: ImageModel, images: np.ndarray, class_count: int = 0) -> pb.ModelInferRequest:
     """A request carrying `images` (uint8 [N, H, W, C]; N must be 1 for a non-batching model).
@@ -20,14 +23,14 @@ def image_request(model: ImageModel, images: np.ndarray, class_count: int = 0) -
     the server returns the top class_count classes as "score:index:label" strings.
     """
     images = np.ascontiguousarray(images, dtype=np.uint8)
-    shape = list(images.shape) if model.batched else list(images.shape[1:])
     requested = pb.ModelInferRequest.InferRequestedOutputTensor(name=model.probabilities_output.name)
     if class_count > 0:
         requested.parameters["classification"].int64_param = class_count
     return pb.ModelInferRequest(
         model_name=model.name,
         model_version=model.version,
-        inputs=[pb.ModelInferRequest.InferInputTensor(name=model.image_input.name, datatype="UINT8", shape=shape)],
+        inputs=[pb.ModelInferRequest.InferInputTensor(name=model.image_input.name, datatype="UINT8",
+                                                      shape=model.input_shape(images))],  # fmt: skip
         outputs=[requested],
         raw_input_contents=[images.tobytes()],
     )

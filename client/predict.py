@@ -6,7 +6,7 @@ its H x W when they differ, then sent as one UINT8 [1, H, W, C] request.
 Class names: the v2 protocol carries them only through the classification extension
 (Triton's `classification` output parameter, answered with "score:index:label"
 strings built from the model's label_filename). That is what we ask for first. A
-server without the extension answers with an error; then the client asks for the
+server without the extension refuses the request (ServerError.refused); then the client asks for the
 plain probabilities, ranks them itself and takes names from --labels (one per line),
 or shows class indices.
 """
@@ -16,11 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from client.connection import ClientError, Connection, ImageModel, rpc_error
-from client.inference import image_request, output_array
+from client.transport import ClientError, ImageModel, ServerError, Transport
 
 RESAMPLE = "BILINEAR"  # smooth enough for downscaling photos, exact for same-size images
 
@@ -71,12 +69,11 @@ def load_image(path: str | Path, model: ImageModel) -> tuple[np.ndarray, list[st
 
 
 def predict_images(
-    connection: Connection,
+    connection: Transport,
     model: ImageModel,
     paths: list[str],
     top_k: int = 5,
     labels: list[str] | None = None,
-    timeout_s: float = 60.0,
 ) -> list[ImagePredictions]:
     k = top_k if model.num_classes == -1 else min(top_k, model.num_classes)
     results = []
@@ -86,32 +83,27 @@ def predict_images(
         batch = pixels[np.newaxis]
         top = None
         if use_extension:
-            top = _top_k_by_extension(connection, model, batch, k, timeout_s)
+            top = _top_k_by_extension(connection, model, batch, k)
             use_extension = top is not None  # no extension on this server: stop asking
         if top is None:
-            top = _top_k_from_probabilities(connection, model, batch, k, labels, timeout_s)
+            top = _top_k_from_probabilities(connection, model, batch, k, labels)
         results.append(ImagePredictions(path=str(path), notes=notes, top=top))
     return results
 
 
-def _top_k_by_extension(connection, model, batch, k, timeout_s) -> list[Prediction] | None:
+def _top_k_by_extension(connection, model, batch, k) -> list[Prediction] | None:
     """Ask for 'score:index:label' strings; None when the server lacks the extension."""
     try:
-        response = connection.stub.ModelInfer(image_request(model, batch, class_count=k), timeout=timeout_s)
-    except grpc.RpcError as error:
-        if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
+        entries = connection.infer(model, batch, class_count=k).reshape(-1)
+    except ServerError as error:
+        if error.refused:
             return None
-        raise _infer_error(error, connection.url, model.name) from None
-    entries = output_array(response, model.probabilities_output.name).reshape(-1)
+        raise
     return [parse_classification(entry) for entry in entries]
 
 
-def _top_k_from_probabilities(connection, model, batch, k, labels, timeout_s) -> list[Prediction]:
-    try:
-        response = connection.stub.ModelInfer(image_request(model, batch), timeout=timeout_s)
-    except grpc.RpcError as error:
-        raise _infer_error(error, connection.url, model.name) from None
-    scores = output_array(response, model.probabilities_output.name).reshape(-1).astype(np.float64)
+def _top_k_from_probabilities(connection, model, batch, k, labels) -> list[Prediction]:
+    scores = connection.infer(model, batch).reshape(-1).astype(np.float64)
     order = np.argsort(-scores, kind="stable")[:k]
     return [
         Prediction(int(i), labels[i] if labels and i < len(labels) else str(int(i)), float(scores[i]))
@@ -135,7 +127,3 @@ def read_labels(path: str | Path) -> list[str]:
         return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as error:
         raise ClientError(f"cannot read --labels {path}: {error}") from None
-
-
-def _infer_error(error: grpc.RpcError, url: str, model_name: str) -> ClientError:
-    return rpc_error(error, f"inference on model {model_name!r}", url)

@@ -1,7 +1,9 @@
 """The client's side of server/security.py: TLS, mutual TLS and a bearer token.
 
 `ClientSecurity` holds what the user asked for; `open_channel(target, security)`
-turns it into a gRPC channel (secure or not) that sends the token on every call.
+turns it into a gRPC channel (secure or not) that sends the token on every call;
+`ssl_context()` and `http_headers()` are the same settings for the HTTP transport
+(client/http_connection.py, where an https:// URL turns TLS on).
 `security_options` adds the matching command-line flags to a click command and
 hands the command one `security` argument:
 
@@ -10,7 +12,7 @@ hands the command one `security` argument:
     def status(url, security): ...
         channel = open_channel(url, security)
 
-Flags (each with an environment variable):
+Flags (each with an environment variable; over HTTP, an https:// URL is what turns TLS on):
   --tls                  use TLS, trusting the system's CA certificates
   --tls-ca PEM           use TLS, trusting this CA (a private PKI)           ENSEMBLE_SERVING_TLS_CA
   --tls-cert / --tls-key this client's certificate and key (mutual TLS)      ENSEMBLE_SERVING_TLS_CERT / _KEY
@@ -25,6 +27,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +77,24 @@ class ClientSecurity:
         """The metadata to send on every call (empty without a token)."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
+    def http_headers(self) -> dict[str, str]:
+        """The headers to send on every HTTP request (empty without a token)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For HTTPS: verify the server against --tls-ca (else the system's roots), present --tls-cert."""
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        except (ssl.SSLError, OSError) as error:
+            raise SecurityError(f"--tls-ca {self.ca_file}: not a PEM CA certificate ({error})") from None
+        if self.cert_file is not None:
+            try:
+                context.load_cert_chain(str(self.cert_file), str(self.key_file))
+            except (ssl.SSLError, OSError) as error:
+                raise SecurityError(f"--tls-cert {self.cert_file} / --tls-key {self.key_file}: "
+                                    f"not a PEM certificate and its key ({error})") from None  # fmt: skip
+        return context
+
     def channel_options(self) -> list[tuple[str, str]]:
         if self.uses_tls and self.server_name:
             return [("grpc.ssl_target_name_override", self.server_name)]
@@ -98,14 +119,14 @@ def open_channel(target: str, security: ClientSecurity = PLAINTEXT, options=()) 
     if security.uses_tls:
         channel = grpc.secure_channel(target, security.channel_credentials(), options=options)
     else:
-        _warn_token_in_plaintext(security)
+        warn_token_in_plaintext(security)
         channel = grpc.insecure_channel(target, options=options)
     if security.token:
         channel = grpc.intercept_channel(channel, _TokenInterceptor(security.metadata()))
     return channel
 
 
-def _warn_token_in_plaintext(security: ClientSecurity) -> None:
+def warn_token_in_plaintext(security: ClientSecurity) -> None:
     if security.token:
         log.warning("sending a bearer token without TLS: anyone on the network path can read it")
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import grpc
 from rich.console import Console
 from rich.table import Table
 
-from client.connection import ClientError, Connection, image_model_from_metadata, status_text, tensor_spec
-from ensemble_serving.protocol import grpc_service_pb2 as pb
+from client.transport import ClientError, ServerError, Transport, image_model_from_metadata
 
 
-def server_status(connection: Connection, model_names: list[str] | None = None) -> dict:
+def server_status(connection: Transport, model_names: list[str] | None = None) -> dict:
     """A JSON-ready dict. `model_names` adds models a server without RepositoryIndex would hide."""
     metadata = connection.check_live()
-    ready = connection.call("ServerReady", pb.ServerReadyRequest(), "ServerReady").ready
+    ready = connection.server_ready()
     status = {
         "url": connection.url,
+        "protocol": connection.protocol,
         "live": True,
         "ready": ready,
         "server": {"name": metadata.name, "version": metadata.version, "extensions": list(metadata.extensions)},
@@ -32,23 +31,23 @@ def server_status(connection: Connection, model_names: list[str] | None = None) 
     return status
 
 
-def _model_status(connection: Connection, entry: dict) -> dict:
+def _model_status(connection: Transport, entry: dict) -> dict:
     name = entry["name"]
     model = dict(entry)
     if entry["state"] and entry["state"] != "READY":
         model["ready"] = False  # the index already says why; metadata would only say "unknown model"
         return model
     try:
-        model["ready"] = connection.stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=connection.timeout_s).ready
-        metadata = connection.stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=connection.timeout_s)
-    except grpc.RpcError as error:
+        model["ready"] = connection.model_ready(name)
+        metadata = connection.model_metadata(name)
+    except ServerError as error:
         model.setdefault("ready", False)
-        model["error"] = status_text(error)
+        model["error"] = error.status
         return model
     model["platform"] = metadata.platform
     model["versions"] = list(metadata.versions)
-    model["inputs"] = [tensor_spec(t).describe() for t in metadata.inputs]
-    model["outputs"] = [tensor_spec(t).describe() for t in metadata.outputs]
+    model["inputs"] = [t.describe() for t in metadata.inputs]
+    model["outputs"] = [t.describe() for t in metadata.outputs]
     try:
         image_model_from_metadata(metadata)
         model["classifier"] = True

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from client.cli import main
-from client.connection import Connection
+from client.transport import connect
 from client.evaluate import stream_probabilities
 from tests.support import known_answer as known
 from tests.support.servers import ROOT, free_port
@@ -129,7 +129,7 @@ def _onnxruntime_ensemble(tiny_repository, images: np.ndarray) -> np.ndarray:
 def test_streamed_probabilities_match_onnxruntime_in_dataset_order(server, tiny_repository, batch_size, concurrency):
     images = tiny_repository.images(45, seed=3)
     progress = []
-    with Connection(server.grpc_address) as connection:
+    with connect(server.grpc_address) as connection:
         model = connection.image_model(tiny_repository.ensemble)
         result = stream_probabilities(connection, model, images, batch_size=batch_size, concurrency=concurrency,
                                       on_progress=progress.append)  # fmt: skip

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from client.connection import ClientError, ImageModel, TensorSpec, image_model_from_metadata, normalize_url
+from client.connection import normalize_url
 from client.evaluate import check_dataset_fits, effective_batch_size
 from client.inference import image_request, output_array
 from client.predict import load_image, parse_classification
 from client.report import build_report, confusion_table, print_report, write_report_files
+from client.transport import ClientError, ImageModel, ModelMetadata, TensorSpec, image_model_from_metadata
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from tests.support import known_answer as known
 
@@ -158,11 +159,10 @@ def test_variable_size_model_accepts_any_image_size():
 
 
 def _metadata(inputs, outputs):
-    tensor = pb.ModelMetadataResponse.TensorMetadata
-    return pb.ModelMetadataResponse(
+    return ModelMetadata(
         name="m", platform="onnxruntime_onnx",
-        inputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in inputs],
-        outputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in outputs],
+        inputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in inputs),
+        outputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in outputs),
     )  # fmt: skip
 
 

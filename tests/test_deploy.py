@@ -30,7 +30,10 @@ K8S = DEPLOY / "k8s"
 DOCKERFILES = (DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda")
 COMPOSE = DEPLOY / "docker-compose.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ensemble-serving.json"
-GRPC_PORT, METRICS_PORT = 8001, 8002
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+# KServe on gRPC: an alternative to kserve-inferenceservice.yaml (REST), kept out of the
+# folder `kubectl apply -f deploy/k8s/` reads so that one ServingRuntime applies by default.
+KSERVE_GRPC = K8S / "kserve-grpc" / "kserve-inferenceservice-grpc.yaml"
 SERVER_DEFAULT_GRACE_PERIOD_S = 30.0
 # Oldest Kubernetes the manifests claim to work on (preStop `sleep` is on by default from
 # 1.30), and the newest the installed schemas know.
@@ -43,14 +46,19 @@ def load_yaml_documents(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def k8s_resources() -> dict[str, dict]:
-    """Every resource in deploy/k8s/, keyed by kind (each kind appears once)."""
+def k8s_resources(paths=None) -> dict[str, dict]:
+    """Every resource in deploy/k8s/*.yaml (or in `paths`), keyed by kind (each kind appears once)."""
     resources = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in paths or sorted(K8S.glob("*.yaml")):
         for resource in load_yaml_documents(path):
             assert resource["kind"] not in resources, f"{path.name}: a second {resource['kind']}"
             resources[resource["kind"]] = resource
     return resources
+
+
+def kserve_variants() -> dict[str, dict[str, dict]]:
+    """protocol -> the ServingRuntime and InferenceService serving it."""
+    return {"rest": k8s_resources(), "grpc": k8s_resources([KSERVE_GRPC])}
 
 
 def server_environment_variables() -> set[str]:
@@ -108,7 +116,7 @@ def test_kubernetes_manifests_validate_strictly(version):
     kv = pytest.importorskip("kubernetes_validate")
     version = kv.utils.latest_version() if version == "latest" else version
     unchecked = set()
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(K8S.rglob("*.yaml")):
         for resource in load_yaml_documents(path):
             try:
                 kv.validate(resource, version, strict=True)  # strict: unknown fields are errors
@@ -128,11 +136,12 @@ def test_kubernetes_validator_rejects_a_misspelt_field():
         kv.validate(deployment, kv.utils.latest_version(), strict=True)
 
 
-def test_containers_inside_custom_resources_validate_as_kubernetes_containers():
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_containers_inside_custom_resources_validate_as_kubernetes_containers(protocol):
     """The ServingRuntime's containers are core/v1 Containers: validate them strictly as
     the containers of a Pod."""
     kv = pytest.importorskip("kubernetes_validate")
-    runtime = k8s_resources()["ServingRuntime"]
+    runtime = kserve_variants()[protocol]["ServingRuntime"]
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "serving-runtime"},
            "spec": {"containers": runtime["spec"]["containers"]}}  # fmt: skip
     kv.validate(pod, kv.utils.latest_version(), strict=True)
@@ -169,8 +178,14 @@ KSERVE_FIELDS = {
 KSERVE_PROTOCOL_VERSIONS = {"v1", "v2", "grpc-v1", "grpc-v2"}
 
 
-def test_kserve_example_uses_known_fields_and_the_v2_protocol():
-    resources = k8s_resources()
+# KServe routes to one port; its name says the protocol (http1: REST, h2c: gRPC).
+KSERVE_PROTOCOLS = {"rest": ("v2", "http1", HTTP_PORT), "grpc": ("grpc-v2", "h2c", GRPC_PORT)}
+
+
+@pytest.mark.parametrize("protocol", sorted(KSERVE_PROTOCOLS))
+def test_kserve_examples_use_known_fields_and_the_v2_protocol(protocol):
+    resources = kserve_variants()[protocol]
+    protocol_version, port_name, port = KSERVE_PROTOCOLS[protocol]
     for dotted, allowed in KSERVE_FIELDS.items():
         kind, *path = dotted.split(".")
         node = resources[kind]
@@ -182,12 +197,18 @@ def test_kserve_example_uses_known_fields_and_the_v2_protocol():
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
     assert set(runtime["spec"]["protocolVersions"]) <= KSERVE_PROTOCOL_VERSIONS
-    assert "v2" in model["protocolVersion"]
+    assert model["protocolVersion"] == protocol_version
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     (container,) = runtime["spec"]["containers"]
     assert container["name"] == "kserve-container"  # the name KServe looks for
-    # KServe routes to one port; h2c marks it as gRPC. It must be the server's gRPC port.
-    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("h2c", GRPC_PORT)]
+    # KServe routes to one port: the server's port for that protocol.
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [(port_name, port)]
+    # Probes: the REST variant asks the HTTP health endpoints, the gRPC one the health service.
+    if protocol == "rest":
+        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": HTTP_PORT}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": HTTP_PORT}
+    else:
+        assert container["readinessProbe"]["grpc"]["port"] == container["livenessProbe"]["grpc"]["port"] == GRPC_PORT
     # The storage initializer puts storageUri at /mnt/models: the server must serve that.
     assert container_env(container)["ENSEMBLE_SERVER_MODEL_REPOSITORY"] == "/mnt/models"
 
@@ -219,9 +240,14 @@ def test_deployment_ports_probes_and_metrics_annotations():
     resources = k8s_resources()
     container = server_container(resources)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == GRPC_PORT, f"{probe} must ask the gRPC health service"
+    assert ports == {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    # httpGet probes on the KServe v2 health endpoints, by the port's name.
+    ready, live = "/v2/health/ready", "/v2/health/live"
+    paths = {"startupProbe": ready, "readinessProbe": ready, "livenessProbe": live}
+    for probe, path in paths.items():
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}, f"{probe} must GET {path}"
+    service_ports = {port["name"]: port for port in resources["Service"]["spec"]["ports"]}
+    assert (service_ports["http"]["port"], service_ports["http"]["targetPort"]) == (HTTP_PORT, "http")
     annotations = resources["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == METRICS_PORT
@@ -252,7 +278,7 @@ def test_every_server_variable_used_in_deploy_exists():
     a renamed flag would otherwise be ignored silently."""
     known = server_environment_variables()
     assert "ENSEMBLE_SERVER_MODEL_REPOSITORY" in known
-    files = [*DOCKERFILES, COMPOSE, DEPLOY / "healthcheck.py", *sorted(K8S.glob("*.yaml"))]
+    files = [*DOCKERFILES, COMPOSE, DEPLOY / "healthcheck.py", DEPLOY / "smoke-test", *sorted(K8S.rglob("*.yaml"))]
     for path in files:
         unknown = ensemble_server_variables(path.read_text()) - known
         assert not unknown, f"{path.relative_to(ROOT)}: not server settings: {sorted(unknown)}"
@@ -268,7 +294,9 @@ def test_compose_wiring():
     assert (DEPLOY / server["build"]["context"] / server["build"]["dockerfile"]).resolve() == DOCKERFILES[0]
     (volume,) = server["volumes"]
     assert volume["target"] == "/models" and volume["read_only"] is True
-    assert {f"{GRPC_PORT}:{GRPC_PORT}", f"{METRICS_PORT}:{METRICS_PORT}"} <= set(server["ports"])
+    assert {f"{port}:{port}" for port in (HTTP_PORT, GRPC_PORT, METRICS_PORT)} <= set(server["ports"])
+    # The health check is deploy/healthcheck.py, which GETs /v2/health/ready (tests/test_deploy_images.py).
+    assert server["healthcheck"]["test"] == ["CMD", "python3", "/opt/healthcheck.py"]
     # Every file compose mounts exists in the repository.
     for service in services.values():
         for mount in service.get("volumes", []):

@@ -1,6 +1,7 @@
 """deploy/'s images: the Dockerfiles' conventions, the extras they install (no torch), the
 build context (.dockerignore), and the container health check (deploy/healthcheck.py) run
-against a real gRPC health service. The compose file and manifests: tests/test_deploy.py.
+against a real gRPC health service and an HTTP stub. The compose file and manifests:
+tests/test_deploy.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = (DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda")
-GRPC_PORT, METRICS_PORT = 8001, 8002
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 
 # ---------------------------------------------------------------------------------------
 # Dockerfiles and build context
@@ -47,13 +48,14 @@ def test_dockerfile_conventions(path):
 
     user = final_args["USER"].split(":")[0]
     assert user.isdigit() and int(user) != 0, "a numeric non-root USER (runAsNonRoot can check it)"
-    assert sorted(final_args["EXPOSE"].split()) == [str(GRPC_PORT), str(METRICS_PORT)]
+    assert sorted(final_args["EXPOSE"].split()) == [str(HTTP_PORT), str(GRPC_PORT), str(METRICS_PORT)]
     assert "healthcheck.py" in final_args["HEALTHCHECK"]
     # Exec form, so SIGTERM reaches the server itself rather than a shell.
     assert json.loads(final_args["ENTRYPOINT"]) == ["server"]
     assert final_args.get("STOPSIGNAL", "SIGTERM") == "SIGTERM"
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(args for keyword, args in final if keyword == "ENV")))
     assert env["ENSEMBLE_SERVER_MODEL_REPOSITORY"] == "/models"
+    assert int(env["ENSEMBLE_SERVER_HTTP_PORT"]) == HTTP_PORT
     assert int(env["ENSEMBLE_SERVER_GRPC_PORT"]) == GRPC_PORT
     assert int(env["ENSEMBLE_SERVER_METRICS_PORT"]) == METRICS_PORT
     # Only the virtualenv crosses into the final stage; no pip install there.
@@ -114,13 +116,47 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_healthcheck(port: int, *args: str) -> subprocess.CompletedProcess:
-    env = {"ENSEMBLE_SERVER_GRPC_PORT": str(port), "PATH": "/usr/bin:/bin"}
+def run_healthcheck(*args: str, grpc_port: int = 1, http_port: int = 1) -> subprocess.CompletedProcess:
+    env = {"ENSEMBLE_SERVER_GRPC_PORT": str(grpc_port), "ENSEMBLE_SERVER_HTTP_PORT": str(http_port),
+           "PATH": "/usr/bin:/bin"}  # fmt: skip
     return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), *args],
                           capture_output=True, text=True, env=env, timeout=30)  # fmt: skip
 
 
+def test_healthcheck_follows_the_http_ready_endpoint():
+    """By default: GET /v2/health/ready on the HTTP port must answer 200."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answer = {"status": 503}
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(answer["status"] if self.path == "/v2/health/ready" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        result = run_healthcheck(http_port=port)  # loading or draining
+        assert result.returncode == 1 and "503 (not ready)" in result.stdout
+        answer["status"] = 200
+        result = run_healthcheck(http_port=port)
+        assert result.returncode == 0 and "200 (ready)" in result.stdout, result.stdout + result.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = run_healthcheck(http_port=port)  # nobody listening
+    assert result.returncode == 1 and "unhealthy" in result.stdout
+
+
 def test_healthcheck_follows_the_grpc_health_service():
+    """With --grpc, or when HTTP is turned off (port 0): grpc.health.v1 must say SERVING."""
     grpc = pytest.importorskip("grpc")
     health_module = pytest.importorskip("grpc_health.v1.health")
     from concurrent import futures
@@ -135,17 +171,17 @@ def test_healthcheck_follows_the_grpc_health_service():
     server.start()
     try:
         servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        result = run_healthcheck(port)
+        result = run_healthcheck("--grpc", grpc_port=port)
         assert result.returncode == 1 and "NOT_SERVING" in result.stdout
 
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        result = run_healthcheck(port)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "SERVING" in result.stdout
+        for result in (run_healthcheck("--grpc", grpc_port=port), run_healthcheck(grpc_port=port, http_port=0)):
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "SERVING" in result.stdout
 
-        result = run_healthcheck(port, "no-such-model")  # unknown service: NOT_FOUND
+        result = run_healthcheck("--grpc", "no-such-model", grpc_port=port)  # unknown service: NOT_FOUND
         assert result.returncode == 1 and "NOT_FOUND" in result.stdout
     finally:
         server.stop(grace=None)
-    result = run_healthcheck(port)  # nobody listening
+    result = run_healthcheck("--grpc", grpc_port=port)  # nobody listening
     assert result.returncode == 1 and "unhealthy" in result.stdout

@@ -32,5 +32,5 @@ def test_smoke_test_passes_against_the_built_image():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "SMOKE TEST: PASS" in output
-    for step in ("build:", "user:", "serve:", "health:", "evaluate:", "metrics:", "stop: exited with status 0"):
+    for step in ("build:", "user:", "serve:", "health:", "evaluate:", "http:", "metrics:", "stop: exited with status 0"):
         assert f"PASS  {step}" in output, output[-4000:]

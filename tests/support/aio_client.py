@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from client.security import PLAINTEXT, ClientSecurity, _warn_token_in_plaintext
+from client.security import PLAINTEXT, ClientSecurity, warn_token_in_plaintext
 
 
 def open_aio_channel(target: str, security: ClientSecurity = PLAINTEXT, options=()) -> grpc.aio.Channel:
@@ -18,7 +18,7 @@ def open_aio_channel(target: str, security: ClientSecurity = PLAINTEXT, options=
     if security.uses_tls:
         return grpc.aio.secure_channel(target, security.channel_credentials(), options=options,
                                        interceptors=interceptors)  # fmt: skip
-    _warn_token_in_plaintext(security)
+    warn_token_in_plaintext(security)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
