@@ -172,8 +172,11 @@ class HttpConnection(Transport):
             "Content-Length": str(len(header) + len(pixels)),
             HEADER_LENGTH: str(len(header)),
         }
+        # One buffer, so that http.client sends headers and body in one write: sent as pieces,
+        # each small write waits on the peer's delayed ACK (measured: 8.8 ms against 2.5 ms
+        # for 64 MNIST images).
         reply = self._call("POST", _model_path(model.name, model.version) + "/infer", what,
-                           body=(header, pixels), headers=headers)  # fmt: skip
+                           body=b"".join((header, pixels)), headers=headers)  # fmt: skip
         if reply.status != 200:
             raise self._error(reply, what)
         return output_array(reply.body, reply.header_length, model.probabilities_output.name)
