@@ -12,6 +12,9 @@ in use, a bad TLS or token setting, no model loadable) is a `StartupError`: one 
 exit status 2. A model that fails to load is one too with --strict; without it, that
 model is logged (one line), counted (ensemble_server_model_load_failures_total), shown
 UNAVAILABLE in RepositoryIndex, and the others serve.
+
+After start-up, server/model_control.py changes the models served: never (mode none,
+the default), from the repository's changes (poll), or on load / unload calls (explicit).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.config import ServerSettings
 from server.health import HealthReporter, enable_reflection
 from server.metrics import ServerMetrics
+from server.model_control import ModelController
 from server.registry import ModelRegistry, load_models
 from server.repository import (
     ModelSpec,
@@ -112,6 +116,7 @@ async def serve(settings: ServerSettings) -> None:
     names = [spec.name for spec in specs]
     metrics = ServerMetrics()
     state = ServerState()
+    state.controller = ModelController(settings, repository, state.registry, metrics)
     server, health = _open_ports(settings, state, repository, metrics)
     server.start()
     health.starting(names)
@@ -122,11 +127,12 @@ async def serve(settings: ServerSettings) -> None:
     _install_signal_handlers(stop)
     try:
         started = time.perf_counter()
-        loaded = await _load_unless_stopped(specs, settings, metrics, stop)
+        loaded = await _load_unless_stopped(specs, settings, metrics, state.registry, stop)
         if loaded is None:  # a signal during loading: leave without serving
             return
-        state.registry, load_failures = loaded
-        names = _report_load_failures({**failures, **load_failures}, names, repository, metrics)
+        _registry, load_failures = loaded
+        names = _report_load_failures({**failures, **load_failures}, names, repository, metrics, settings)
+        state.controller.started(repository, {**failures, **load_failures})
         state.ready = True
         metrics.ready.set(1)
         health.serving(names)
@@ -135,6 +141,7 @@ async def serve(settings: ServerSettings) -> None:
         await stop.wait()
         await _drain(state, settings.grace_period_s, health, metrics)
     finally:
+        await asyncio.to_thread(state.controller.stop)
         await asyncio.to_thread(lambda: server.stop(FINAL_STOP_GRACE_S).wait())
         await asyncio.to_thread(state.registry.close)
         metrics.shutdown()
@@ -146,11 +153,15 @@ def _plan(settings: ServerSettings) -> tuple[Repository, list[ModelSpec], dict[s
     load (dependencies first) and, without --strict, {name: reason} for those left out."""
     try:
         repository = scan_repository(settings.model_repository)
-        if settings.strict:
-            specs, failures = load_order(repository, settings.models), {}
+        wanted = _models_to_load(settings, repository)
+        if settings.model_control_mode == "explicit" and not wanted:  # no --load-model: start empty
+            specs, failures = [], {}
+        elif settings.strict:
+            specs, failures = load_order(repository, wanted), {}
         else:
-            specs, failures = load_order_skipping_broken(repository, settings.models)
-            _check_some_model_loads([spec.name for spec in specs], failures)
+            specs, failures = load_order_skipping_broken(repository, wanted)
+            if settings.model_control_mode != "explicit":
+                _check_some_model_loads([spec.name for spec in specs], failures)
         choose_providers(settings.device)  # `--device cuda` without CUDA fails here
     except (RepositoryError, DeviceError) as error:
         raise StartupError(str(error)) from None
@@ -159,6 +170,19 @@ def _plan(settings: ServerSettings) -> tuple[Repository, list[ModelSpec], dict[s
         if name not in names and name not in failures:
             log.warning("not loading %s: %s", name, reason)
     return repository, specs, failures
+
+
+def _models_to_load(settings: ServerSettings, repository: Repository) -> tuple[str, ...]:
+    """The models start-up loads: --model in modes none and poll (empty: all), --load-model
+    in explicit mode (none by default, '*': all), as in Triton."""
+    if settings.model_control_mode != "explicit":
+        if settings.load_models:
+            raise StartupError("--load-model needs --model-control-mode explicit "
+                               "(--model chooses the models of modes none and poll)")
+        return settings.models
+    if "*" in settings.load_models:
+        return tuple(repository.names)
+    return settings.load_models
 
 
 def _check_some_model_loads(loaded: list[str], failures: dict[str, str]) -> None:
@@ -204,9 +228,10 @@ def _open_ports(settings: ServerSettings, state: ServerState, repository: Reposi
 
 
 async def _load_unless_stopped(specs: list[ModelSpec], settings: ServerSettings, metrics: ServerMetrics,
-                               stop: asyncio.Event) -> tuple[ModelRegistry, dict[str, str]] | None:  # fmt: skip
-    """`load_models`, or None when a signal comes first (the loading is then cancelled)."""
-    loading = asyncio.create_task(load_models(specs, settings, metrics))
+                               registry: ModelRegistry, stop: asyncio.Event
+                               ) -> tuple[ModelRegistry, dict[str, str]] | None:  # fmt: skip
+    """`load_models` into `registry`, or None when a signal comes first (the loading is then cancelled)."""
+    loading = asyncio.create_task(load_models(specs, settings, metrics, registry))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():
@@ -221,7 +246,7 @@ async def _load_unless_stopped(specs: list[ModelSpec], settings: ServerSettings,
 
 
 def _report_load_failures(failures: dict[str, str], names: list[str], repository: Repository,
-                          metrics: ServerMetrics) -> list[str]:  # fmt: skip
+                          metrics: ServerMetrics, settings: ServerSettings) -> list[str]:  # fmt: skip
     """Without --strict: one log line and one metric per model left out, its reason shown
     by RepositoryIndex; returns the names that did load. Nothing loaded at all is still a
     start-up failure."""
@@ -230,7 +255,8 @@ def _report_load_failures(failures: dict[str, str], names: list[str], repository
         metrics.load_failures.labels(model=name).inc()
         repository.errors[name] = reason
     loaded = [name for name in names if name not in failures]
-    _check_some_model_loads(loaded, failures)
+    if settings.model_control_mode != "explicit":  # explicit mode may start with no model at all
+        _check_some_model_loads(loaded, failures)
     return loaded
 
 

@@ -19,11 +19,16 @@ histograms) and carry `model` and `version` labels:
   ensemble_server_ready                              1 when every model has loaded and not draining
   ensemble_server_model_load_failures_total{model}   models that failed to load (reason: the log line
                                                      and RepositoryIndex); only without --strict
+  ensemble_server_model_loads_total{model,outcome}   loads and reloads (start-up and model control):
+                                                     success or failure (the reason: log and RepositoryIndex)
+  ensemble_server_model_unloads_total{model,outcome} unloads: success or failure
+  ensemble_server_model_loaded_versions{model}       how many versions of the model are served now
   ensemble_server_unauthenticated_requests_total{reason}  calls refused for a missing or invalid
                                                      bearer token (--auth-tokens-file)
 
 Each model version gets a `ModelMetrics` holding its pre-labelled children, so the
-hot path does no label lookups. Requests naming an unknown model are counted under
+hot path does no label lookups. When a version is unloaded its series are removed
+(`ModelMetrics.remove`): a scrape shows only versions that serve. Requests naming an unknown model are counted under
 model="" (the name a client sent is not used as a label: it is unbounded).
 """
 
@@ -56,7 +61,9 @@ class ModelMetrics:
         self.pending = metrics.pending.labels(**labels)
         self._load_duration = metrics.load_duration.labels(**labels)
         self._provider = metrics.provider
+        self._provider_labels: dict[str, str] = {}
         self._labels = labels
+        self._server = metrics
 
     def record_batch(self, elements: int, compute_s: float, queued_ns: list[int]) -> None:
         """One execution of `elements` batch elements from len(queued_ns) requests."""
@@ -68,7 +75,29 @@ class ModelMetrics:
 
     def record_load(self, seconds: float, provider: str, requested: str) -> None:
         self._load_duration.set(seconds)
-        self._provider.labels(provider=provider, requested=requested, **self._labels).set(1)
+        self._provider_labels = {"provider": provider, "requested": requested}
+        self._provider.labels(**self._provider_labels, **self._labels).set(1)
+
+    def remove(self) -> None:
+        """Drop every series of this model version (it was unloaded). Left behind, its
+        gauges would go on claiming a loaded model, an execution provider and a queue,
+        and the pending gauge's callback would keep the unloaded batcher alive."""
+        server, model, version = self._server, self._labels["model"], self._labels["version"]
+        for outcome in OUTCOMES:
+            _remove(server.requests, model, version, outcome)
+        for family in (server.request_duration, server.queue_duration, server.compute_duration,
+                       server.batch_size, server.executions, server.pending, server.load_duration):  # fmt: skip
+            _remove(family, model, version)
+        if self._provider_labels:
+            _remove(server.provider, model, version, self._provider_labels["provider"],
+                    self._provider_labels["requested"])
+
+
+def _remove(family, *labels: str) -> None:
+    try:
+        family.remove(*labels)
+    except KeyError:  # never created
+        pass
 
 
 class ServerMetrics:
@@ -102,6 +131,13 @@ class ServerMetrics:
                            **kwargs)
         self.load_failures = Counter(f"{PREFIX}_model_load_failures",
                                      "Models that failed to load (the reason is in the log and RepositoryIndex).",
+                                     ("model",), **kwargs)
+        # Model control (server/model_control.py).
+        self.model_loads = Counter(f"{PREFIX}_model_loads", "Model loads and reloads by outcome (success, failure).",
+                                   ("model", "outcome"), **kwargs)
+        self.model_unloads = Counter(f"{PREFIX}_model_unloads", "Model unloads by outcome (success, failure).",
+                                     ("model", "outcome"), **kwargs)
+        self.loaded_versions = Gauge(f"{PREFIX}_model_loaded_versions", "Versions of the model being served.",
                                      ("model",), **kwargs)
         self.unauthenticated = Counter(f"{PREFIX}_unauthenticated_requests",
                                        "Calls refused with UNAUTHENTICATED: bearer token missing or invalid.",

@@ -21,13 +21,14 @@ from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.batcher import CallScope
 from server.metrics import ServerMetrics
 from server.request_codec import InferenceError, decode_request, encode_response
+from server.model_control import FILE_PARAMETER_PREFIX, ModelController
 from server.registry import ModelRegistry
 from server.repository import Repository
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "ensemble-serving"
-EXTENSIONS = ("classification", "model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 
 
 def _server_version() -> str:
@@ -43,6 +44,7 @@ class ServerState:
 
     def __init__(self) -> None:
         self.registry = ModelRegistry()
+        self.controller: ModelController | None = None  # set by the app before the ports open
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -106,10 +108,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- models ------------------------------------------------------------------------
     def ModelReady(self, request, context):
         try:
-            self.state.registry.get(request.name, request.version)
+            model = self.state.registry.get(request.name, request.version)
         except InferenceError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.state.ready and not self.state.draining)
+        # An ensemble whose member is unloaded is loaded but not ready.
+        return pb.ModelReadyResponse(ready=self.state.ready and not self.state.draining
+                                     and not model.unready_reason())
 
     def ModelMetadata(self, request, context):
         try:
@@ -139,17 +143,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(error.code, error.message)
         return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
 
+    # -- model repository (server/model_control.py does the work) ----------------------
     def RepositoryIndex(self, request, context):
-        response = pb.RepositoryIndexResponse()
-        for name in self.repository.names:
-            loaded = self.state.registry.versions(name)
-            if loaded:
-                for version in sorted(loaded, key=int):
-                    response.models.add(name=name, version=version, state="READY" if self.state.ready else "LOADING")
-            elif not request.ready:
-                reason = self.repository.errors.get(name, "not loaded (not selected with --model)")
-                response.models.add(name=name, state="UNAVAILABLE", reason=reason)
-        return response
+        entries = self.state.controller.index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=entry.name, version=entry.version, state=entry.state,
+                                                  reason=entry.reason) for entry in entries])  # fmt: skip
+
+    def RepositoryModelLoad(self, request, context):
+        parameters = request.parameters
+        config = parameters["config"].string_param if "config" in parameters else None
+        files = {key[len(FILE_PARAMETER_PREFIX):]: value.bytes_param for key, value in parameters.items()
+                 if key.startswith(FILE_PARAMETER_PREFIX)}  # fmt: skip
+        self._control(context, self.state.controller.load, request.model_name, config, files)
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request, context):
+        parameters = request.parameters
+        dependents = "unload_dependents" in parameters and parameters["unload_dependents"].bool_param
+        self._control(context, self.state.controller.unload, request.model_name, dependents)
+        return pb.RepositoryModelUnloadResponse()
+
+    @staticmethod
+    def _control(context, call, *args) -> None:
+        log.info("%s%r", call.__name__, args[:1])
+        try:
+            call(*args)
+        except InferenceError as error:
+            context.abort(error.code, error.message)
 
     # -- inference ---------------------------------------------------------------------
     def ModelInfer(self, request, context):
@@ -162,7 +183,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InferenceError(grpc.StatusCode.UNAVAILABLE,
                                      "the server is shutting down" if state.draining
                                      else "the server is not ready: models are still loading")
-            model = state.registry.get(request.model_name, request.model_version)
+            # A lease: a version replaced meanwhile finishes this request before it closes.
+            model = state.registry.acquire(request.model_name, request.model_version)
             decoded = decode_request(request, model.spec)
             deadline = _deadline(context)
             scope = CallScope()
@@ -179,6 +201,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._count(model, "internal", start)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
         finally:
+            if model is not None:
+                model.release()
             state.end_request()
         self._count(model, "success", start)
         return response
