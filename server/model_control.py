@@ -166,7 +166,7 @@ class ModelController:
     # -- loading ------------------------------------------------------------------------
     def _load_with_members(self, name: str, override: ModelConfig | None) -> None:
         """An ensemble's members are loaded first when they are not served yet (as Triton does)."""
-        spec = self._read(name, self._model_folder(name), override)
+        spec = self._read(name, self._model_folder(name), override, check_steps=False)
         for step in spec.steps:
             if not self._registry.versions(step.model_name):
                 self._load_with_members(step.model_name, None)
@@ -201,10 +201,11 @@ class ModelController:
         log.info("model %s: serving version(s) %s (%s in %.2f s)", name, ", ".join(sorted(wanted, key=int)),
                  "reloaded" if current else "loaded", time.perf_counter() - started)
 
-    def _read(self, name: str, directory: Path, override: ModelConfig | None):
+    def _read(self, name: str, directory: Path, override: ModelConfig | None, check_steps: bool = True):
+        """The model's spec; an ensemble's steps checked against the members served."""
         try:
             spec = read_model(directory, override)
-            if spec.is_ensemble:
+            if spec.is_ensemble and check_steps:
                 check_ensemble(spec, {step.model_name: self._registry.get(step.model_name).spec
                                       for step in spec.steps if self._registry.versions(step.model_name)})
             return spec

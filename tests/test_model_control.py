@@ -8,6 +8,10 @@ load and unload calls.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -300,3 +304,60 @@ def test_model_warmup_runs_before_ready(start_server, tmp_path):
         stub.RepositoryModelLoad(load_request(MODEL), timeout=60)
     assert "warm-up" in error.value.details() and "holds 5 values" in error.value.details()
     assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=10).ready
+
+
+# ---------------------------------------------------------------------------------------
+# Must-show 4: tritonclient, unmodified
+# ---------------------------------------------------------------------------------------
+TRITONCLIENT_SCRIPT = Path(__file__).parent / "tritonclient_scripts" / "model_control.py"
+
+
+def tritonclient_report(server, tiny: dict) -> dict:
+    """tritonclient in its own process (its protobuf symbols clash with ours)."""
+    if importlib.util.find_spec("tritonclient") is None:  # never import it here
+        pytest.skip("tritonclient is not installed (the 'test' extra)")
+    member = tiny["members"][0]
+    result = subprocess.run([sys.executable, str(TRITONCLIENT_SCRIPT), "--url", server.grpc_address,
+                             "--model", member, "--ensemble", tiny["ensemble"],
+                             "--onnx", str(tiny["path"] / tiny["members"][1] / "1" / "model.onnx")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def rows(answer: dict) -> dict[tuple[str, str], tuple[str, str]]:
+    return {(row["name"], row.get("version", "")): (row.get("state", ""), row.get("reason", ""))
+            for row in answer["answer"].get("models", [])}  # fmt: skip
+
+
+def test_tritonclient_load_unload_and_index_in_explicit_mode(start_server, tmp_path):
+    tiny = write_tiny_repository(tmp_path / "tiny")
+    member, ensemble = tiny["members"][0], tiny["ensemble"]
+    server = start_server(tiny["path"], "--model-control-mode", "explicit")  # nothing loaded at start
+    report = tritonclient_report(server, tiny)
+    assert set(rows(report["index_before"]).values()) == {("UNAVAILABLE", "not loaded (load it with RepositoryModelLoad)")}
+    for step in ("load", "load_ensemble", "load_with_config", "load_with_files", "unload", "load_again",
+                 "unload_dependents"):  # fmt: skip
+        assert report[step]["ok"], (step, report[step])
+    assert report["ready_after_load"] is True
+    assert report["config_after_load"]["version_policy"] == {"all": {}}  # config= replaced config.pbtxt
+    assert report["versions_after_files"] == ["5"]  # files= replaced the model folder
+    assert report["ensemble_ready_after_member_unload"] is False
+    after_unload = rows(report["index_after_unload"])
+    assert after_unload[(member, "5")] == ("UNAVAILABLE", "unloaded")
+    assert after_unload[(ensemble, "1")][0] == "UNAVAILABLE" and f"needs model {member!r}" in after_unload[(ensemble, "1")][1]
+    final = rows(report["index_final"])
+    assert final[(member, "1")] == ("UNAVAILABLE", "unloaded") and final[(ensemble, "1")] == ("UNAVAILABLE", "unloaded")
+    assert final[(tiny["members"][1], "1")] == ("READY", "")
+    assert report["load_unknown"]["status"] == "StatusCode.NOT_FOUND"
+    assert "failed to load 'no-such-model'" in report["load_unknown"]["message"]
+
+
+def test_tritonclient_gets_clear_errors_in_mode_none(start_server, tmp_path):
+    tiny = write_tiny_repository(tmp_path / "tiny")
+    report = tritonclient_report(start_server(tiny["path"]), tiny)
+    for step in ("load", "load_ensemble", "load_with_config", "load_with_files", "unload", "unload_dependents"):
+        assert report[step]["status"] == "StatusCode.UNAVAILABLE", step
+        assert "not allowed in model control mode 'none'" in report[step]["message"], step
+    assert report["ready_after_load"] is True and report["ensemble_ready_after_member_unload"] is True
+    assert set(rows(report["index_final"]).values()) == {("READY", "")}
