@@ -31,6 +31,7 @@ translate. Changes happen one at a time, under one lock, as in Triton.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import tempfile
@@ -124,6 +125,7 @@ class ModelController:
                     self._apply(name, directory, override, force=True)
             else:
                 self._load_with_members(name, override)
+        _return_freed_memory()  # here, once the replaced versions are no longer referenced
 
     def unload(self, name: str, unload_dependents: bool = False) -> None:
         """Stop serving every version of `name` (after their requests finish); with
@@ -138,6 +140,7 @@ class ModelController:
             if unload_dependents:
                 for dependent in self._dependents(name):
                     self._unload(dependent)
+        _return_freed_memory()
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model of the repository and every version served, with its state."""
@@ -279,6 +282,7 @@ class ModelController:
                 self.poll_once()
             except Exception:  # a bug in one poll must not end polling
                 log.exception("repository poll failed")
+            _return_freed_memory()
 
     def poll_once(self) -> None:
         """Load what is new, reload what changed, unload what was removed (members before
@@ -341,6 +345,23 @@ class ModelController:
         self._metrics.model_loads.labels(model=name, outcome=outcome).inc()
         if outcome == "success":
             self._metrics.loaded_versions.labels(model=name).set(len(self._registry.versions(name)))
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to hand the freed heap back to the system: without it, a released
+    session's pages stay in the process (RSS) until later allocations reuse them."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _parse_config(name: str, text: str) -> ModelConfig:
