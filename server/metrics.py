@@ -61,7 +61,6 @@ class ModelMetrics:
         self.pending = metrics.pending.labels(**labels)
         self._load_duration = metrics.load_duration.labels(**labels)
         self._provider = metrics.provider
-        self._provider_labels: dict[str, str] = {}
         self._labels = labels
         self._server = metrics
 
@@ -75,29 +74,30 @@ class ModelMetrics:
 
     def record_load(self, seconds: float, provider: str, requested: str) -> None:
         self._load_duration.set(seconds)
-        self._provider_labels = {"provider": provider, "requested": requested}
-        self._provider.labels(**self._provider_labels, **self._labels).set(1)
+        self._provider.labels(provider=provider, requested=requested, **self._labels).set(1)
 
     def remove(self) -> None:
         """Drop every series of this model version (it was unloaded). Left behind, its
         gauges would go on claiming a loaded model, an execution provider and a queue,
         and the pending gauge's callback would keep the unloaded batcher alive."""
-        server, model, version = self._server, self._labels["model"], self._labels["version"]
-        for outcome in OUTCOMES:
-            _remove(server.requests, model, version, outcome)
-        for family in (server.request_duration, server.queue_duration, server.compute_duration,
-                       server.batch_size, server.executions, server.pending, server.load_duration):  # fmt: skip
-            _remove(family, model, version)
-        if self._provider_labels:
-            _remove(server.provider, model, version, self._provider_labels["provider"],
-                    self._provider_labels["requested"])
+        server = self._server
+        for family in (server.requests, server.request_duration, server.queue_duration, server.compute_duration,
+                       server.batch_size, server.executions, server.pending, server.load_duration,
+                       server.provider):  # fmt: skip
+            _remove_version(family, self._labels["model"], self._labels["version"])
 
 
-def _remove(family, *labels: str) -> None:
-    try:
-        family.remove(*labels)
-    except KeyError:  # never created
-        pass
+def _remove_version(family, model: str, version: str) -> None:
+    """Remove every child of `family` labelled with this model and version, whatever its
+    other labels (outcome, provider, ...). prometheus_client lists children only through
+    its private `_labelnames` / `_metrics`."""
+    names = family._labelnames
+    with family._lock:
+        children = list(family._metrics)
+    for values in children:
+        labels = dict(zip(names, values))
+        if labels.get("model") == model and labels.get("version") == version:
+            family.remove(*values)
 
 
 class ServerMetrics:

@@ -17,6 +17,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -415,3 +416,53 @@ def test_fifty_load_unload_cycles_of_a_cifar_size_model_settle(tmp_path, capsys)
     # A leak of the model (8 MB) per cycle would add ~350 MiB over 45 cycles; measured: within +-10.
     assert rss["50"] - rss["5"] < 32, rss
     assert report["metrics_series_left"] == []
+
+
+# ---------------------------------------------------------------------------------------
+# The pieces that make a switch lossless
+# ---------------------------------------------------------------------------------------
+def _slow_batcher(delay_s: float = 0.05):
+    from server.batcher import BatchingPolicy, DynamicBatcher
+    from server.metrics import ServerMetrics
+    from server.statistics import ModelStats
+
+    def run(inputs):
+        time.sleep(delay_s)
+        return {"y": inputs["x"] + 1}
+
+    policy = BatchingPolicy(max_batch_size=1, max_queue_delay_s=0, max_queue_size=16, dynamic=False)
+    batcher = DynamicBatcher("m", "1", run, policy, ModelStats("m", "1"), ServerMetrics().for_model("m", "1"))
+    batcher.start()
+    return batcher
+
+
+def test_draining_close_answers_every_queued_request():
+    batcher = _slow_batcher()
+    tickets = [batcher.submit({"x": np.full((1, 1), i)}, 1, None) for i in range(5)]
+    batcher.close(drain=True)  # returns once the queue is empty and the thread has stopped
+    assert [int(batcher.result(ticket)["y"][0, 0]) for ticket in tickets] == [1, 2, 3, 4, 5]
+    with pytest.raises(Exception, match="shutting down"):
+        batcher.submit({"x": np.zeros((1, 1))}, 1, None)
+
+
+def test_retire_waits_for_the_last_lease_and_lookups_move_on():
+    from server.registry import LoadedModel, ModelRegistry
+
+    registry = ModelRegistry()
+    spec = SimpleNamespace(name="m", is_ensemble=False)
+    old, new = (LoadedModel(spec, "1", _slow_batcher(), None, None, "cpu", None) for _ in range(2))
+    registry.set_versions("m", {"1": old})
+    leased = registry.acquire("m")
+    ticket = leased.scheduler.submit({"x": np.zeros((1, 1))}, 1, None)
+    registry.set_versions("m", {"1": new})  # the switch: new look-ups get `new`
+    retiring = threading.Thread(target=old.retire)
+    retiring.start()
+    time.sleep(0.1)
+    assert retiring.is_alive()  # waits for the lease
+    assert not old.lease() and registry.acquire("m") is new
+    assert int(leased.scheduler.result(ticket)["y"][0, 0]) == 1  # finished on the old version
+    leased.release()
+    retiring.join(timeout=10)
+    assert not retiring.is_alive()
+    new.release()
+    new.close()
