@@ -118,6 +118,7 @@ async def serve(settings: ServerSettings) -> None:
     state = ServerState()
     state.controller = ModelController(settings, repository, state.registry, metrics)
     server, health = _open_ports(settings, state, repository, metrics)
+    state.controller.on_model_change = health.model_changed
     server.start()
     health.starting(names)
     log.info("gRPC on %s (live, not ready); loading %d model(s) from %s: %s", settings.grpc_address,

@@ -39,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from google.protobuf import json_format
@@ -82,6 +83,8 @@ class ModelController:
         self._started = False
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        # Told (name, serving) after each change: the app points it at grpc.health.v1.
+        self.on_model_change: Callable[[str, bool], None] = lambda name, serving: None
 
     # -- lifecycle ----------------------------------------------------------------------
     def started(self, repository: Repository, failures: dict[str, str]) -> None:
@@ -218,6 +221,7 @@ class ModelController:
     def _switch(self, name: str, current: dict[str, LoadedModel], wanted: dict[str, LoadedModel]) -> None:
         """Serve `wanted` from now on; retire what it leaves out (after its last request)."""
         self._registry.set_versions(name, wanted)
+        self.on_model_change(name, True)
         _rebind_pending(wanted.values())
         self._replace_states(name, {version: (READY, "") for version in wanted})
         for version, old in current.items():
@@ -251,6 +255,7 @@ class ModelController:
     def _unload(self, name: str) -> None:
         current = self._registry.versions(name)
         self._registry.set_versions(name, {})
+        self.on_model_change(name, False)
         for model in current.values():
             self._retire(model, still_served=False)
         self._replace_states(name, {version: (UNAVAILABLE, "unloaded") for version in current} or

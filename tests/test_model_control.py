@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ensemble_serving.model_config import load_model_config
 from ensemble_serving.protocol import grpc_service_pb2 as pb
@@ -39,6 +40,7 @@ from tests.support.tiny_models import (
 )
 
 MODEL = "digits"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,8 +247,10 @@ def test_ensemble_follows_its_members_and_says_why_it_is_not_ready(start_server,
     stub = server.stub()
     member = tiny["members"][0]
     assert {key: row for key, row in index(stub).items() if key[0] == "tiny"} == {("tiny", "1"): ("READY", "")}
+    health = health_pb2_grpc.HealthStub(server.channel())
     stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=member), timeout=30)
     assert not stub.ModelReady(pb.ModelReadyRequest(name="tiny"), timeout=10).ready
+    assert health.Check(health_pb2.HealthCheckRequest(service=member), timeout=10).status == NOT_SERVING
     state, reason = index(stub)[("tiny", "1")]
     assert state == "UNAVAILABLE" and f"needs model {member!r}" in reason
     images = np.zeros((1, 28, 28, 1), np.uint8)
@@ -254,6 +258,7 @@ def test_ensemble_follows_its_members_and_says_why_it_is_not_ready(start_server,
         stub.ModelInfer(infer_request("tiny", images), timeout=10)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "ensemble 'tiny' is not ready" in error.value.details()
     stub.RepositoryModelLoad(load_request(member), timeout=60)  # back: the ensemble serves again
+    assert health.Check(health_pb2.HealthCheckRequest(service=member), timeout=10).status == SERVING
     assert stub.ModelReady(pb.ModelReadyRequest(name="tiny"), timeout=10).ready
     assert probabilities(stub.ModelInfer(infer_request("tiny", images), timeout=30)).shape == (1, 10)
     unload_dependents = pb.RepositoryModelUnloadRequest(model_name=member)
