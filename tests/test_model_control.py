@@ -238,6 +238,41 @@ def test_corrupt_new_version_keeps_the_old_one_serving(start_server, repository,
     assert "model digits failed to load (the versions loaded before keep serving)" in log
 
 
+def test_poll_mode_failed_version_then_removed(start_server, repository, images):
+    """Poll mode: a corrupt version is reported and the old one serves; removing the
+    corrupt folder clears the report; a changed config.pbtxt reloads the model."""
+    server = start_server(repository, "--model-control-mode", "poll", "--repository-poll-secs", "0.2")
+    stub = server.stub()
+    with ContinuousLoad(server, MODEL, images, expected_outputs({"1": 0}, images)) as load:
+        publish_member_version(repository, MODEL, 2, model_bytes=b"corrupt")
+        wait_for_row(stub, (MODEL, "2"), "UNAVAILABLE")
+        load.keep_going()
+        (repository / MODEL / "2").rename(repository / f".{MODEL}-2-corrupt")
+        wait_for_row(stub, (MODEL, "1"), "READY", reason="")
+        config = repository / MODEL / "config.pbtxt"
+        config.write_text(config.read_text().replace("max_queue_delay_microseconds: 1000",
+                                                     "max_queue_delay_microseconds: 500"))
+        deadline = time.monotonic() + 30
+        while stub.ModelConfig(pb.ModelConfigRequest(name=MODEL), timeout=10).config.dynamic_batching \
+                .max_queue_delay_microseconds != 500:  # fmt: skip
+            assert time.monotonic() < deadline, "config.pbtxt change not picked up"
+            time.sleep(0.1)
+        load.keep_going()
+    assert load.failures == []
+    assert MODEL not in {key[0] for key in index(stub) if key[1] == "2"}
+    assert metric(scrape(server), "ensemble_server_model_loads_total", model=MODEL, outcome="failure") == 1
+
+
+def wait_for_row(stub, key: tuple[str, str], state: str, reason: str | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = index(stub).get(key)
+        if row is not None and row[0] == state and (reason is None or row[1] == reason):
+            return
+        assert time.monotonic() < deadline, f"{key}: {row}, expected {state}"
+        time.sleep(0.05)
+
+
 # ---------------------------------------------------------------------------------------
 # Ensembles, unload, mode none, warm-up
 # ---------------------------------------------------------------------------------------
