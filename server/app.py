@@ -131,7 +131,7 @@ async def serve(settings: ServerSettings) -> None:
         loaded = await _load_unless_stopped(specs, settings, metrics, state.registry, stop)
         if loaded is None:  # a signal during loading: leave without serving
             return
-        _registry, load_failures = loaded
+        load_failures = loaded[1]  # the models are in state.registry
         names = _report_load_failures({**failures, **load_failures}, names, repository, metrics, settings)
         state.controller.started(repository, {**failures, **load_failures})
         state.ready = True

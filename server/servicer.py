@@ -166,7 +166,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @staticmethod
     def _control(context, call, *args) -> None:
-        log.info("%s%r", call.__name__, args[:1])
+        log.info("%s %s", call.__name__, args[0])
         try:
             call(*args)
         except InferenceError as error:
