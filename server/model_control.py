@@ -117,6 +117,7 @@ class ModelController:
         `config_json` (a ModelConfig in JSON) replaces config.pbtxt; `files`
         ({path in the model folder: bytes}, needs `config_json`) replace the folder."""
         self._require_explicit_mode()
+        _check_name(name, "load")
         override = _parse_config(name, config_json) if config_json is not None else None
         if files and override is None:
             raise InferenceError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -135,6 +136,7 @@ class ModelController:
         `unload_dependents`, the ensembles that use it too. Without, those ensembles stay
         loaded but unavailable until `name` is back."""
         self._require_explicit_mode()
+        _check_name(name, "unload")
         with self._changing:
             if name not in self._registry.names() and not (self._root / name).is_dir():
                 raise InferenceError(grpc.StatusCode.NOT_FOUND, f"failed to unload {name!r}: no such model "
@@ -322,11 +324,13 @@ class ModelController:
 
     def _model_folder(self, name: str) -> Path:
         directory = self._root / name
-        if not name or name.startswith(".") or not directory.is_dir():
-            raise InferenceError(grpc.StatusCode.NOT_FOUND, f"failed to load {name!r}: no such model in "
-                                 f"{self._root} (found: {', '.join(self._folders()) or 'none'})")
-        inside_model_folder(directory, self._root, "folder", name)
-        return directory
+        try:
+            if directory.is_dir():
+                return inside_model_folder(directory, self._root, "folder", name)
+        except RepositoryError:  # a link out of the repository
+            pass
+        raise InferenceError(grpc.StatusCode.NOT_FOUND, f"failed to load {name!r}: no such model in "
+                             f"{self._root} (found: {', '.join(self._folders()) or 'none'})")
 
     def _folders(self) -> list[str]:
         try:
@@ -367,6 +371,12 @@ def _load_libc():
 
 
 _LIBC = _load_libc()
+
+
+def _check_name(name: str, action: str) -> None:
+    """A model name is one folder of the repository: never a path out of it."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise InferenceError(grpc.StatusCode.NOT_FOUND, f"failed to {action} {name!r}: not a model name")
 
 
 def _parse_config(name: str, text: str) -> ModelConfig:

@@ -171,6 +171,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             call(*args)
         except InferenceError as error:
             context.abort(error.code, error.message)
+        except Exception as error:  # a bug must cost one call, not the server
+            log.exception("%s %s failed", call.__name__, args[0])
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
     # -- inference ---------------------------------------------------------------------
     def ModelInfer(self, request, context):

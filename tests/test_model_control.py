@@ -305,6 +305,12 @@ def test_ensemble_follows_its_members_and_says_why_it_is_not_ready(start_server,
     with pytest.raises(grpc.RpcError) as error:
         stub.RepositoryModelLoad(load_request("no-such-model"), timeout=10)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "failed to load 'no-such-model'" in error.value.details()
+    for name in ("..", "../tiny", "/etc"):  # never a path out of the repository
+        for call, request in ((stub.RepositoryModelLoad, load_request(name)),
+                              (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=name))):
+            with pytest.raises(grpc.RpcError) as error:
+                call(request, timeout=10)
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND, name
 
 
 def test_mode_none_refuses_load_and_unload(server, inference_stub, tiny_repository):
