@@ -80,6 +80,7 @@ class ModelController:
         # never changed in place, so that `index` reads it without the lock.
         self._states: dict[str, dict[str, tuple[str, str]]] = {}
         self._seen: dict[str, str] = {}  # poll mode: each model folder's fingerprint at the last look
+        self._watched: set[str] | None = None  # poll mode with --model: the folders it watches (None: all)
         self._started = False
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -100,7 +101,9 @@ class ModelController:
                 self._count_load(name, "failure")
             self._started = True
         if self.mode == "poll":
-            self._seen = {name: _folder_fingerprint(self._root / name) for name in self._folders()}
+            if self._settings.models:  # --model: watch those (and the members they brought), not the rest
+                self._watched = {*self._settings.models, *self._registry.names()}
+            self._seen = {name: _folder_fingerprint(self._root / name) for name in self._poll_folders()}
             self._poller = threading.Thread(target=self._poll_loop, name="repository-poll", daemon=True)
             self._poller.start()
             log.info("polling %s every %.1f s for model changes", self._root, self._settings.repository_poll_secs)
@@ -295,7 +298,7 @@ class ModelController:
         """Load what is new, reload what changed, unload what was removed (members before
         ensembles, so that an ensemble checks against its members' new versions)."""
         with self._changing:
-            now = {name: _folder_fingerprint(self._root / name) for name in self._folders()}
+            now = {name: _folder_fingerprint(self._root / name) for name in self._poll_folders()}
             for name in sorted(set(self._seen) - set(now)):
                 if self._registry.versions(name):
                     self._unload(name)
@@ -306,6 +309,9 @@ class ModelController:
                     self._apply(name, self._root / name, None, force=False)
                 except InferenceError as error:
                     log.warning("poll: %s", error.message)
+
+    def _poll_folders(self) -> list[str]:
+        return [name for name in self._folders() if self._watched is None or name in self._watched]
 
     def _is_ensemble(self, name: str) -> bool:
         try:

@@ -240,9 +240,12 @@ def test_corrupt_new_version_keeps_the_old_one_serving(start_server, repository,
 
 def test_poll_mode_failed_version_then_removed(start_server, repository, images):
     """Poll mode: a corrupt version is reported and the old one serves; removing the
-    corrupt folder clears the report; a changed config.pbtxt reloads the model."""
-    server = start_server(repository, "--model-control-mode", "poll", "--repository-poll-secs", "0.2")
+    corrupt folder clears the report; a changed config.pbtxt reloads the model. With
+    --model, a model folder added meanwhile is not watched."""
+    server = start_server(repository, "--model-control-mode", "poll", "--repository-poll-secs", "0.2",
+                          "--model", MODEL)  # fmt: skip
     stub = server.stub()
+    write_member_model(repository, "other", seed=2)
     with ContinuousLoad(server, MODEL, images, expected_outputs({"1": 0}, images)) as load:
         publish_member_version(repository, MODEL, 2, model_bytes=b"corrupt")
         wait_for_row(stub, (MODEL, "2"), "UNAVAILABLE")
@@ -260,6 +263,7 @@ def test_poll_mode_failed_version_then_removed(start_server, repository, images)
         load.keep_going()
     assert load.failures == []
     assert MODEL not in {key[0] for key in index(stub) if key[1] == "2"}
+    assert index(stub)[("other", "")] == ("UNAVAILABLE", "not loaded (not selected with --model)")
     assert metric(scrape(server), "ensemble_server_model_loads_total", model=MODEL, outcome="failure") == 1
 
 
