@@ -51,8 +51,13 @@ def main() -> None:
 @click.option("--instances", default=1, show_default=True, type=int, help="instance_group count per model.")
 @click.option("--max-queue-delay-us", default=1000, show_default=True, type=int,
               help="dynamic_batching max_queue_delay_microseconds: how long a request may wait to join a batch.")
+@click.option("--version", "version", default=None, type=click.IntRange(1),
+              help="Add this version to models that already exist (other versions and config.pbtxt untouched; "
+                   "the folder is renamed into place, so a polling server never sees half of it).")
+@click.option("--next-version", is_flag=True,
+              help="Like --version, with the next free number (one more than the highest version of the models).")
 def to_onnx(run_dirs, repository, name, weights, fused, overwrite, max_batch_size, data_dir, quantize_mode,
-            max_accuracy_drop, instance_kind, instances, max_queue_delay_us) -> None:  # fmt: skip
+            max_accuracy_drop, instance_kind, instances, max_queue_delay_us, version, next_version) -> None:  # fmt: skip
     """Export RUN_DIR... to ONNX, prove parity with PyTorch, and write the model repository.
 
     \b
@@ -60,6 +65,9 @@ def to_onnx(run_dirs, repository, name, weights, fused, overwrite, max_batch_siz
     Several run dirs -> members NAME-m0.., the averaging model NAME-average and the
                         ensemble NAME (platform "ensemble": members, then the average).
     Each model dir holds config.pbtxt, labels.txt, 1/model.onnx and parity.json.
+    With --version V or --next-version, models that exist get V/model.onnx (and
+    V/parity.json) beside their other versions: retrain, export, and a server in poll
+    mode (or a load call in explicit mode) serves it with no downtime.
 
     Parity (always): onnxruntime on CPU vs PyTorch at batch sizes 1 and 64 on real test
     images; any probability off by more than 1e-4 or any changed argmax refuses the
@@ -77,7 +85,8 @@ def to_onnx(run_dirs, repository, name, weights, fused, overwrite, max_batch_siz
                 list(run_dirs), repository, name, weights=parsed_weights, fused=fused, overwrite=overwrite,
                 data_dir=data_dir, max_batch_size=max_batch_size, quantize=quantize_mode,
                 max_accuracy_drop=max_accuracy_drop, instance_kind=instance_kind, instances=instances,
-                max_queue_delay_us=max_queue_delay_us, progress=progress,
+                max_queue_delay_us=max_queue_delay_us, version=version, next_version=next_version,
+                progress=progress,
             )  # fmt: skip
     except ExportError as error:
         click.echo(f"error: {error}", err=True)

@@ -44,7 +44,9 @@ from exporter.repository import (
     DEFAULT_MAX_QUEUE_DELAY_US,
     ENSEMBLE_PLATFORM,
     ONNX_PLATFORM,
+    VERSION,
     StagedRepository,
+    VersionChoice,
     average_config,
     ensemble_config,
     member_config,
@@ -71,18 +73,28 @@ def export_repository(
     instance_kind: str = "cpu",
     instances: int = 1,
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+    version: int | None = None,
+    next_version: bool = False,
     progress: Steps | None = None,
 ) -> ExportResult:
-    """Export run dirs into `repository` as model(s) named after `name` (see the module docstring)."""
+    """Export run dirs into `repository` as model(s) named after `name` (see the module docstring).
+    With `version` or `next_version`, add that version to the models instead of replacing
+    them (exporter.repository: the version folder is renamed into place)."""
     progress = progress or _NoProgress()
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     _check_options(run_dirs, fused, max_batch_size, quantize, max_accuracy_drop, instance_kind, instances)
     plan = plan_names(name, len(run_dirs), fused, quantize)
     weights = average.normalize_weights(weights, len(run_dirs))
     progress.begin(_count_steps(len(run_dirs), fused, quantize))
+    add_version = version is not None or next_version
+    if add_version and overwrite:
+        raise ExportError("--overwrite replaces whole models; --version / --next-version adds a version: choose one")
+    versioned = [model for model in plan.all_names if model not in (plan.ensemble, plan.int8_ensemble)]
+    folder = VersionChoice(version, next_version).resolve(Path(repository).resolve(), versioned) if add_version \
+        else VERSION
 
-    with StagedRepository(repository) as staged:
-        clashes = staged.existing(plan.all_names)
+    with StagedRepository(repository, folder, add_version) as staged:
+        clashes = [] if add_version else staged.existing(plan.all_names)
         if clashes and not overwrite:  # fail before minutes of work, and again at commit
             raise ExportError(refuse_existing_message(staged.repository, clashes))
         exporter = _Exporter(staged, plan, weights, data_dir, progress,

@@ -8,12 +8,19 @@
 Everything is first written into a staging directory next to the repository and only
 moved into place, model dir by model dir with os.rename, once every check has passed;
 an export that fails leaves the repository exactly as it was.
+
+With a version (`--version V` / `--next-version`) an export adds version V to models
+that already exist instead of replacing them: only the staged `V/` folder is renamed
+into `<model>/V` (config.pbtxt, labels and the other versions are left alone), so a
+server polling the repository sees either no new version or a complete one. Its
+reports then go inside `V/`. Models that do not exist yet are moved in whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 import re
 import shutil
 import tempfile
@@ -100,6 +107,43 @@ def ensemble_config(name: str, member_names: list[str], average_name: str, input
 # --------------------------------------------------------------------------- staging and commit
 
 
+@dataclass(frozen=True)
+class VersionChoice:
+    """Which version an export writes: `number` (--version), or the next free one."""
+
+    number: int | None = None
+    next_free: bool = False
+
+    def resolve(self, repository: Path, names: list[str]) -> str:
+        """The version folder name, the same for every model of the export."""
+        if self.number is not None:
+            if self.number < 1:
+                raise ExportError(f"--version {self.number}: expected a positive integer")
+            taken = [name for name in names if (repository / name / str(self.number)).exists()]
+            if taken:
+                raise ExportError(f"{repository}: version {self.number} of {', '.join(taken)} already exists; "
+                                  f"versions are never overwritten (use --next-version)")
+            return str(self.number)
+        highest = max((version for name in names for version in existing_versions(repository / name)), default=0)
+        return str(highest + 1)
+
+
+def existing_versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(child.name) for child in model_dir.iterdir() if child.is_dir() and child.name.isdigit())
+
+
+def publish_version(staged_version: Path, model_dir: Path, version: str) -> Path:
+    """Move a complete version folder into `model_dir` with one rename (same file system):
+    a server polling the repository sees all of it or nothing."""
+    target = model_dir / version
+    if target.exists():
+        raise ExportError(f"{target} already exists; versions are never overwritten")
+    os.rename(staged_version, target)
+    return target
+
+
 class StagedRepository:
     """Model dirs built in a private staging dir, moved into the repository on commit().
 
@@ -107,7 +151,7 @@ class StagedRepository:
     staging dir and leaves the repository untouched.
     """
 
-    def __init__(self, repository: str | os.PathLike):
+    def __init__(self, repository: str | os.PathLike, version: str = VERSION, add_version: bool = False):
         self.repository = Path(repository).resolve()
         if self.repository.exists() and not self.repository.is_dir():
             raise ExportError(f"--repository {self.repository}: exists and is not a directory")
@@ -119,6 +163,8 @@ class StagedRepository:
             anchor = self.repository.parent
         self.root = Path(tempfile.mkdtemp(prefix=f".{self.repository.name}.exporter-staging-", dir=anchor))
         self.model_names: list[str] = []
+        self.version = version  # the version folder written
+        self.add_version = add_version  # commit adds `version` to existing models instead of replacing them
 
     def __enter__(self) -> "StagedRepository":
         return self
@@ -131,20 +177,25 @@ class StagedRepository:
 
     def write_model(self, name: str, config: ModelConfig, class_names: list[str], *, model_bytes: bytes | None = None,
                     reports: dict[str, dict] | None = None) -> Path:  # fmt: skip
-        """One model dir: config.pbtxt, labels.txt, reports (JSON) and 1/model.onnx (or an empty 1/)."""
+        """One model dir: config.pbtxt, labels.txt, reports (JSON) and <version>/model.onnx (an
+        ensemble: an empty 1/, whatever the version: its members' versions are what change)."""
         model_dir = self.root / "models" / check_model_name(name)
-        (model_dir / VERSION).mkdir(parents=True)
+        version_dir = model_dir / (self.version if model_bytes is not None else VERSION)
+        version_dir.mkdir(parents=True)
         save_model_config(config, model_dir / "config.pbtxt")
         (model_dir / LABELS_FILENAME).write_text("".join(f"{label}\n" for label in class_names), encoding="utf-8")
         if model_bytes is not None:
-            (model_dir / VERSION / MODEL_FILENAME).write_bytes(model_bytes)
+            (version_dir / MODEL_FILENAME).write_bytes(model_bytes)
+        reports_dir = version_dir if self.add_version and model_bytes is not None else model_dir
         for filename, report in (reports or {}).items():
-            (model_dir / filename).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            (reports_dir / filename).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         self.model_names.append(name)
         return self.repository / name
 
     def commit(self, overwrite: bool) -> list[Path]:
         """Move every staged model dir into the repository (replacing old ones only with overwrite)."""
+        if self.add_version:
+            return self._commit_versions()
         clashes = self.existing(self.model_names)
         if clashes and not overwrite:
             raise ExportError(refuse_existing_message(self.repository, clashes))
@@ -164,11 +215,52 @@ class StagedRepository:
             raise ExportError(f"could not move the models into {self.repository}: {error}") from None
         return [self.repository / name for name in self.model_names]
 
+    def _commit_versions(self) -> list[Path]:
+        """Version mode: new models move in whole; existing ONNX models get the new version
+        folder only; an existing ensemble keeps its config (its steps ask for the latest
+        member version, model_version -1) unless a step pins a version, which then follows."""
+        self.repository.mkdir(parents=True, exist_ok=True)
+        for name in self.model_names:
+            staged, target = self.root / "models" / name, self.repository / name
+            if not target.exists():
+                os.rename(staged, target)
+            elif (staged / self.version / MODEL_FILENAME).exists():
+                _check_same_signature(staged, target)
+                publish_version(staged / self.version, target, self.version)
+            else:
+                _follow_pinned_versions(target, self.version)
+        return [self.repository / name for name in self.model_names]
+
     def _roll_back(self, placed: list[str], replaced_root: Path) -> None:
         for name in placed:
             shutil.rmtree(self.repository / name, ignore_errors=True)
         for old in replaced_root.iterdir():
             os.rename(old, self.repository / old.name)
+
+
+def _check_same_signature(staged: Path, target: Path) -> None:
+    """A new version must fit the config.pbtxt all versions share."""
+    from ensemble_serving.model_config import load_model_config
+
+    new, old = load_model_config(staged), load_model_config(target)
+    if list(new.input) != list(old.input) or list(new.output) != list(old.output):
+        raise ExportError(f"{target}: the new version's inputs/outputs differ from {target / 'config.pbtxt'}; "
+                          f"export it under another --name (or replace the model with --overwrite, no --version)")
+
+
+def _follow_pinned_versions(ensemble_dir: Path, version: str) -> None:
+    """Steps that pin a member version move to the new one (written aside, then os.replace)."""
+    from ensemble_serving.model_config import load_model_config
+
+    config = load_model_config(ensemble_dir)
+    pinned = [step for step in config.ensemble_scheduling.step if step.model_version > 0]
+    if not pinned:
+        return
+    for step in pinned:
+        step.model_version = int(version)
+    temporary = ensemble_dir / ".config.pbtxt.new"
+    save_model_config(config, temporary)
+    os.replace(temporary, ensemble_dir / "config.pbtxt")
 
 
 def refuse_existing_message(repository: Path, names: list[str]) -> str:

@@ -6,7 +6,9 @@ Read top to bottom, a request meets these modules:
   app.py         wiring and lifecycle: start, load, ready, SIGTERM drain, exit
   repository.py  scan the repository, parse config.pbtxt, versions, load order
   runtime.py     onnxruntime sessions: providers (CPU/CUDA), optimizations, threads
-  registry.py    the loaded models by name and version; loading them
+  registry.py    the loaded models by name and version (leased per request); loading them
+  warmup.py      config.pbtxt model_warmup (or one automatic warm-up) before a model turns ready
+  model_control.py  load / reload / unload while serving: modes none, poll, explicit
   servicer.py    the GRPCInferenceService RPCs, run on grpcio's worker threads
   request_codec.py  ModelInfer decoding/validation and response encoding (+ classification)
   batcher.py     dynamic batching: queue, batch forming, one compute thread per model instance

@@ -13,6 +13,9 @@ in use, a bad TLS or token setting, no model loadable) is a `StartupError`: one 
 exit status 2. A model that fails to load is one too with --strict; without it, that
 model is logged (one line), counted (ensemble_server_model_load_failures_total), shown
 UNAVAILABLE in RepositoryIndex, and the others serve.
+
+After start-up, server/model_control.py changes the models served: never (mode none,
+the default), from the repository's changes (poll), or on load / unload calls (explicit).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from server.health import HealthReporter, enable_reflection
 from server.http_app import HttpApp
 from server.http_server import HttpEndpoint
 from server.metrics import ServerMetrics
+from server.model_control import ModelController
 from server.registry import ModelRegistry, load_models
 from server.repository import (
     ModelSpec,
@@ -128,7 +132,9 @@ async def serve(settings: ServerSettings) -> None:
     names = [spec.name for spec in specs]
     metrics = ServerMetrics()
     state = ServerState()
+    state.controller = ModelController(settings, repository, state.registry, metrics)
     ports = _open_ports(settings, InferenceService(state, repository, metrics))
+    state.controller.on_model_change = ports.health.model_changed
     try:
         await ports.start(names)
         log.info("%s (live, not ready); loading %d model(s) from %s: %s", ports.describe(), len(names),
@@ -136,11 +142,12 @@ async def serve(settings: ServerSettings) -> None:
         stop = asyncio.Event()
         _install_signal_handlers(stop)
         started = time.perf_counter()
-        loaded = await _load_unless_stopped(specs, settings, metrics, stop)
+        loaded = await _load_unless_stopped(specs, settings, metrics, state.registry, stop)
         if loaded is None:  # a signal during loading: leave without serving
             return
-        state.registry, load_failures = loaded
-        names = _report_load_failures({**failures, **load_failures}, names, repository, metrics)
+        load_failures = loaded[1]  # the models are in state.registry
+        names = _report_load_failures({**failures, **load_failures}, names, repository, metrics, settings)
+        state.controller.started(repository, {**failures, **load_failures})
         state.ready = True
         metrics.ready.set(1)
         ports.health.serving(names)
@@ -149,6 +156,7 @@ async def serve(settings: ServerSettings) -> None:
         await stop.wait()
         await _drain(state, settings.grace_period_s, ports.health, metrics)
     finally:
+        await asyncio.to_thread(state.controller.stop)
         await ports.stop()
         await asyncio.to_thread(state.registry.close)
         metrics.shutdown()
@@ -160,11 +168,15 @@ def _plan(settings: ServerSettings) -> tuple[Repository, list[ModelSpec], dict[s
     load (dependencies first) and, without --strict, {name: reason} for those left out."""
     try:
         repository = scan_repository(settings.model_repository)
-        if settings.strict:
-            specs, failures = load_order(repository, settings.models), {}
+        wanted = _models_to_load(settings, repository)
+        if settings.model_control_mode == "explicit" and not wanted:  # no --load-model: start empty
+            specs, failures = [], {}
+        elif settings.strict:
+            specs, failures = load_order(repository, wanted), {}
         else:
-            specs, failures = load_order_skipping_broken(repository, settings.models)
-            _check_some_model_loads([spec.name for spec in specs], failures)
+            specs, failures = load_order_skipping_broken(repository, wanted)
+            if settings.model_control_mode != "explicit":
+                _check_some_model_loads([spec.name for spec in specs], failures)
         choose_providers(settings.device)  # `--device cuda` without CUDA fails here
     except (RepositoryError, DeviceError) as error:
         raise StartupError(str(error)) from None
@@ -173,6 +185,19 @@ def _plan(settings: ServerSettings) -> tuple[Repository, list[ModelSpec], dict[s
         if name not in names and name not in failures:
             log.warning("not loading %s: %s", name, reason)
     return repository, specs, failures
+
+
+def _models_to_load(settings: ServerSettings, repository: Repository) -> tuple[str, ...]:
+    """The models start-up loads: --model in modes none and poll (empty: all), --load-model
+    in explicit mode (none by default, '*': all), as in Triton."""
+    if settings.model_control_mode != "explicit":
+        if settings.load_models:
+            raise StartupError("--load-model needs --model-control-mode explicit "
+                               "(--model chooses the models of modes none and poll)")
+        return settings.models
+    if "*" in settings.load_models:
+        return tuple(repository.names)
+    return settings.load_models
 
 
 def _check_some_model_loads(loaded: list[str], failures: dict[str, str]) -> None:
@@ -257,9 +282,10 @@ def _grpc_server(settings: ServerSettings, service: InferenceService,
 
 
 async def _load_unless_stopped(specs: list[ModelSpec], settings: ServerSettings, metrics: ServerMetrics,
-                               stop: asyncio.Event) -> tuple[ModelRegistry, dict[str, str]] | None:  # fmt: skip
-    """`load_models`, or None when a signal comes first (the loading is then cancelled)."""
-    loading = asyncio.create_task(load_models(specs, settings, metrics))
+                               registry: ModelRegistry, stop: asyncio.Event
+                               ) -> tuple[ModelRegistry, dict[str, str]] | None:  # fmt: skip
+    """`load_models` into `registry`, or None when a signal comes first (the loading is then cancelled)."""
+    loading = asyncio.create_task(load_models(specs, settings, metrics, registry))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():
@@ -274,7 +300,7 @@ async def _load_unless_stopped(specs: list[ModelSpec], settings: ServerSettings,
 
 
 def _report_load_failures(failures: dict[str, str], names: list[str], repository: Repository,
-                          metrics: ServerMetrics) -> list[str]:  # fmt: skip
+                          metrics: ServerMetrics, settings: ServerSettings) -> list[str]:  # fmt: skip
     """Without --strict: one log line and one metric per model left out, its reason shown
     by RepositoryIndex; returns the names that did load. Nothing loaded at all is still a
     start-up failure."""
@@ -283,7 +309,8 @@ def _report_load_failures(failures: dict[str, str], names: list[str], repository
         metrics.load_failures.labels(model=name).inc()
         repository.errors[name] = reason
     loaded = [name for name in names if name not in failures]
-    _check_some_model_loads(loaded, failures)
+    if settings.model_control_mode != "explicit":  # explicit mode may start with no model at all
+        _check_some_model_loads(loaded, failures)
     return loaded
 
 

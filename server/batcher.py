@@ -119,10 +119,17 @@ class DynamicBatcher:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._closed = False
+        self._draining = False  # closed, but the instance threads first empty the queue
         self._threads: list[threading.Thread] = []
         self._gathers = policy.dynamic and policy.max_batch_size > 0
         self._batch_limit = policy.max_batch_size if self._gathers else 1
-        metrics.pending.set_function(lambda: len(self._queue))
+        self.report_pending()
+
+    def report_pending(self) -> None:
+        """Bind the pending-requests gauge to this batcher's queue. The callback holds the
+        queue, not the batcher: an unloaded batcher is not kept alive by the gauge."""
+        queue = self._queue
+        self._metrics.pending.set_function(lambda: len(queue))
 
     def start(self) -> None:
         for instance in range(self.policy.instances):
@@ -205,7 +212,7 @@ class DynamicBatcher:
             while True:
                 while not self._queue and not self._closed:
                     self._arrived.wait()
-                if self._closed:
+                if self._closed and not (self._draining and self._queue):
                     return None
                 if self._gathers and self.policy.max_queue_delay_s > 0:
                     self._wait_for_fuller_batch()
@@ -288,14 +295,19 @@ class DynamicBatcher:
         done = time.monotonic_ns()
         return split, (formed - start, computed - formed, done - computed)
 
-    def close(self) -> None:
-        """Stop the instance threads after the executions under way; fail what is still queued."""
+    def close(self, drain: bool = False) -> None:
+        """Stop the instance threads after the executions under way. What is still queued
+        is failed (shutdown), or with `drain` executed first (a retired model version:
+        its queued requests are answered by it, not failed)."""
         with self._lock:
             self._closed = True
-            queued = [self._left_queue(ticket) for ticket in self._queue]
-            self._queue.clear()
+            self._draining = drain
+            queued = [] if drain else [self._left_queue(ticket) for ticket in self._queue]
+            if not drain:
+                self._queue.clear()
             self._arrived.notify_all()
         for ticket in queued:
             ticket.answer(None, InferenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"))
         for thread in self._threads:
             thread.join()
+        self._threads.clear()

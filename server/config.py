@@ -19,6 +19,7 @@ import click
 ENV_PREFIX = "ENSEMBLE_SERVER_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")  # Triton's --model-control-mode
 
 # When a config.pbtxt leaves max_queue_size at 0 ("unbounded" in Triton) we still bound
 # the queue, so that an overload answers RESOURCE_EXHAUSTED instead of growing memory.
@@ -53,6 +54,10 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_tokens_file: Path | None = None
+    # Model control (server/model_control.py): Triton's modes, flags and defaults.
+    model_control_mode: str = "none"
+    repository_poll_secs: float = 15.0
+    load_models: tuple[str, ...] = ()  # explicit mode: loaded at start-up ("*": all)
 
     @property
     def grpc_address(self) -> str:
@@ -151,6 +156,18 @@ settings_options: list[Callable] = [
                  "(others get UNAUTHENTICATED). The file holds one token per line ('#' comments). "
                  "Tokens can also come, comma-separated, from $ENSEMBLE_SERVER_AUTH_TOKENS. "
                  "Use with TLS: in plaintext tokens can be read off the network."),
+    # -- model control (server/model_control.py) --
+    _option("--model-control-mode", type=click.Choice(MODEL_CONTROL_MODES), show_default=True,
+            help="none: load the models at start-up, then never change them. poll: also watch the repository "
+                 "every --repository-poll-secs and load, reload or unload what changed. explicit: load only "
+                 "--load-model at start-up; RepositoryModelLoad / RepositoryModelUnload (tritonclient's "
+                 "load_model / unload_model) change the rest. Load and unload calls are refused in the "
+                 "other modes, as Triton does."),
+    _option("--repository-poll-secs", "repository_poll_secs", type=click.FloatRange(min=0.1), show_default=True,
+            help="How often poll mode looks at the repository for new, changed or removed models and versions."),
+    _option("--load-model", "load_models", multiple=True,
+            help="Explicit mode: load this model at start-up (repeatable; '*' for every model; an ensemble "
+                 "brings its steps; the environment variable takes names separated by spaces). Default: none."),
 ]
 
 

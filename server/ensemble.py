@@ -5,17 +5,26 @@ ensemble tensors. Steps whose inputs are all available run together (a wave): ev
 step of a wave is submitted to its model's batcher before the first answer is awaited,
 so the members of an averaging ensemble run at the same time and the average runs after
 them. Each step goes through that model's own batcher: concurrent ensemble requests are
-batched per member, exactly as direct requests to the member would be.
+batched per member, exactly as direct requests to the member would be. The members are
+looked up in the registry at each request (see EnsembleScheduler), so model control can
+replace or unload them without rebuilding the ensemble.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+import grpc
+
 from server.batcher import CallScope, DynamicBatcher
 from server.repository import ModelSpec
-from server.request_codec import Tensors
+from server.request_codec import InferenceError, Tensors
 from server.scheduling import Steps
 from server.statistics import ModelStats
+
+if TYPE_CHECKING:
+    from server.registry import ModelRegistry
 
 
 def _waves(spec: ModelSpec) -> list[list[int]]:
@@ -36,37 +45,74 @@ def _waves(spec: ModelSpec) -> list[list[int]]:
 
 
 class EnsembleScheduler:
-    def __init__(self, spec: ModelSpec, members: list[DynamicBatcher], stats: ModelStats):
+    """Runs the steps on whichever versions of its members the registry serves at the
+    time of each request: a reloaded member is picked up by the next request, and a
+    member that is unloaded makes the ensemble unavailable (with the reason) until it
+    is back. Each request leases its members for its whole run, so that a member
+    version replaced meanwhile finishes this request first."""
+
+    def __init__(self, spec: ModelSpec, registry: "ModelRegistry", stats: ModelStats):
         self.spec = spec
-        self._members = members  # the batcher of each step, in step order
+        self._registry = registry
         self._waves = _waves(spec)
         self._stats = stats
+
+    def missing_members(self) -> str:
+        """Why the ensemble cannot run now ("" when every step's model is served)."""
+        for step in self.spec.steps:
+            try:
+                self._registry.get(step.model_name, step.model_version)
+            except InferenceError as error:
+                return f"ensemble {self.spec.name!r} needs model {step.model_name!r}: {error.message}"
+        return ""
+
+    def _lease_members(self) -> list:
+        leased = []
+        try:
+            for step in self.spec.steps:
+                leased.append(self._registry.acquire(step.model_name, step.model_version))
+        except InferenceError as error:
+            for member in leased:
+                member.release()
+            raise InferenceError(grpc.StatusCode.UNAVAILABLE, f"ensemble {self.spec.name!r} is not ready: it "
+                                 f"needs model {step.model_name!r}: {error.message}") from None
+        return leased
 
     def steps(self, inputs: Tensors, batch_size: int, deadline: float | None,
               scope: CallScope | None = None) -> Steps:  # fmt: skip
         start = time.monotonic_ns()
-        tensors = dict(inputs)
+        members = self._lease_members()
         try:
-            for wave in self._waves:
-                tickets = []
-                for index in wave:
-                    step_inputs = {member_input: tensors[source]
-                                   for member_input, source in self.spec.steps[index].input_map.items()}
-                    tickets.append((self._members[index], self._members[index].submit(
-                        step_inputs, batch_size, deadline, scope)))
-                answers = yield tickets
-                for index, outputs in zip(wave, answers):
-                    tensors.update({target: outputs[member_output]
-                                    for member_output, target in self.spec.steps[index].output_map.items()})
+            tensors = yield from self._run_steps([member.scheduler for member in members], inputs, batch_size,
+                                                 deadline, scope)  # fmt: skip
         except Exception:
             self._stats.record_failure(time.monotonic_ns() - start)
             raise
+        finally:
+            for member in members:
+                member.release()
         elapsed = time.monotonic_ns() - start
         # One "execution" per ensemble request; its compute time is the whole pipeline and
         # its own queue time is nil (the waiting happens in the members' queues). The queue
         # count matters: perf_analyzer finds the version it measured by that count rising.
         self._stats.record_batch(batch_size, (0, elapsed, 0), [0], [elapsed])
         return {tensor.name: tensors[tensor.name] for tensor in self.spec.outputs}
+
+    def _run_steps(self, batchers: list[DynamicBatcher], inputs: Tensors, batch_size: int, deadline: float | None,
+                   scope: CallScope | None) -> Steps:  # fmt: skip
+        """Every wave's tickets submitted at once, then yielded to wait for; returns every tensor."""
+        tensors = dict(inputs)
+        for wave in self._waves:
+            tickets = []
+            for index in wave:
+                step_inputs = {member_input: tensors[source]
+                               for member_input, source in self.spec.steps[index].input_map.items()}
+                tickets.append((batchers[index], batchers[index].submit(step_inputs, batch_size, deadline, scope)))
+            answers = yield tickets
+            for index, outputs in zip(wave, answers):
+                tensors.update({target: outputs[member_output]
+                                for member_output, target in self.spec.steps[index].output_map.items()})
+        return tensors
 
     def close(self) -> None:
         """Nothing of its own to stop: its members' batchers are closed as models."""

@@ -32,6 +32,10 @@ class HealthReporter:
         for service in ["", INFERENCE_SERVICE, *model_names]:
             self._servicer.set(service, SERVING)
 
+    def model_changed(self, name: str, serving: bool) -> None:
+        """Model control loaded or unloaded `name` (ignored once shutdown has begun)."""
+        self._servicer.set(name, SERVING if serving else NOT_SERVING)
+
     def shutting_down(self) -> None:
         self._servicer.enter_graceful_shutdown()
 

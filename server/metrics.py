@@ -19,11 +19,16 @@ histograms) and carry `model` and `version` labels:
   ensemble_server_ready                              1 when every model has loaded and not draining
   ensemble_server_model_load_failures_total{model}   models that failed to load (reason: the log line
                                                      and RepositoryIndex); only without --strict
+  ensemble_server_model_loads_total{model,outcome}   loads and reloads (start-up and model control):
+                                                     success or failure (the reason: log and RepositoryIndex)
+  ensemble_server_model_unloads_total{model,outcome} unloads: success or failure
+  ensemble_server_model_loaded_versions{model}       how many versions of the model are served now
   ensemble_server_unauthenticated_requests_total{reason}  calls refused for a missing or invalid
                                                      bearer token (--auth-tokens-file)
 
 Each model version gets a `ModelMetrics` holding its pre-labelled children, so the
-hot path does no label lookups. Requests naming an unknown model are counted under
+hot path does no label lookups. When a version is unloaded its series are removed
+(`ModelMetrics.remove`): a scrape shows only versions that serve. Requests naming an unknown model are counted under
 model="" (the name a client sent is not used as a label: it is unbounded).
 """
 
@@ -60,6 +65,7 @@ class ModelMetrics:
         self._load_duration = metrics.load_duration.labels(**labels)
         self._provider = metrics.provider
         self._labels = labels
+        self._server = metrics
 
     def count_request(self, protocol: str, outcome: str, seconds: float) -> None:
         self._requests[protocol, outcome].inc()
@@ -76,6 +82,29 @@ class ModelMetrics:
     def record_load(self, seconds: float, provider: str, requested: str) -> None:
         self._load_duration.set(seconds)
         self._provider.labels(provider=provider, requested=requested, **self._labels).set(1)
+
+    def remove(self) -> None:
+        """Drop every series of this model version (it was unloaded). Left behind, its
+        gauges would go on claiming a loaded model, an execution provider and a queue,
+        and the pending gauge's callback would keep the unloaded batcher alive."""
+        server = self._server
+        for family in (server.requests, server.request_duration, server.queue_duration, server.compute_duration,
+                       server.batch_size, server.executions, server.pending, server.load_duration,
+                       server.provider):  # fmt: skip
+            _remove_version(family, self._labels["model"], self._labels["version"])
+
+
+def _remove_version(family, model: str, version: str) -> None:
+    """Remove every child of `family` labelled with this model and version, whatever its
+    other labels (outcome, provider, ...). prometheus_client lists children only through
+    its private `_labelnames` / `_metrics`."""
+    names = family._labelnames
+    with family._lock:
+        children = list(family._metrics)
+    for values in children:
+        labels = dict(zip(names, values))
+        if labels.get("model") == model and labels.get("version") == version:
+            family.remove(*values)
 
 
 class ServerMetrics:
@@ -109,6 +138,13 @@ class ServerMetrics:
                            **kwargs)
         self.load_failures = Counter(f"{PREFIX}_model_load_failures",
                                      "Models that failed to load (the reason is in the log and RepositoryIndex).",
+                                     ("model",), **kwargs)
+        # Model control (server/model_control.py).
+        self.model_loads = Counter(f"{PREFIX}_model_loads", "Model loads and reloads by outcome (success, failure).",
+                                   ("model", "outcome"), **kwargs)
+        self.model_unloads = Counter(f"{PREFIX}_model_unloads", "Model unloads by outcome (success, failure).",
+                                     ("model", "outcome"), **kwargs)
+        self.loaded_versions = Gauge(f"{PREFIX}_model_loaded_versions", "Versions of the model being served.",
                                      ("model",), **kwargs)
         self.unauthenticated = Counter(f"{PREFIX}_unauthenticated_requests",
                                        "Calls refused with UNAUTHENTICATED: bearer token missing or invalid.",

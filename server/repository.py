@@ -121,6 +121,9 @@ def _inside(path: Path, folder: Path, what: str, model: str) -> Path:
     return resolved
 
 
+inside_model_folder = _inside  # for the other modules that read files a config names
+
+
 def _tensor_specs(kind: str, tensors, directory: Path, model: str) -> tuple[TensorSpec, ...]:
     specs = []
     for tensor in tensors:
@@ -167,13 +170,15 @@ def _versions_to_serve(config: ModelConfig, available: list[int], model: str) ->
     return tuple(str(version) for version in chosen)
 
 
-def read_model(directory: Path) -> ModelSpec:
-    """Parse and check one model folder."""
+def read_model(directory: Path, config: ModelConfig | None = None) -> ModelSpec:
+    """Parse and check one model folder; `config` replaces its config.pbtxt (a load
+    request's override)."""
     name = directory.name
-    try:
-        config = load_model_config(directory / CONFIG_FILENAME)
-    except ModelConfigError as error:
-        raise RepositoryError(f"model {name!r}: {error}") from None
+    if config is None:
+        try:
+            config = load_model_config(directory / CONFIG_FILENAME)
+        except ModelConfigError as error:
+            raise RepositoryError(f"model {name!r}: {error}") from None
     if config.name and config.name != name:
         raise RepositoryError(f"model {name!r}: config.pbtxt says name {config.name!r}; "
                               f"it must match the folder name {name!r}")

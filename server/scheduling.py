@@ -16,6 +16,7 @@ request for one model can share one execution.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Protocol
@@ -44,30 +45,32 @@ def run_blocking(steps: Steps) -> Tensors:
     """Drive `steps` on this thread, blocking on each ticket until it is answered."""
     answers: list[Tensors] | None = None
     error: InferenceError | None = None
-    while True:
-        try:
-            waiting = steps.throw(error) if error is not None else steps.send(answers)
-        except StopIteration as done:
-            return done.value
-        try:
-            answers, error = [batcher.result(ticket) for batcher, ticket in waiting], None
-        except InferenceError as failure:
-            answers, error = None, failure
+    with contextlib.closing(steps):  # an abandoned run still releases what it holds
+        while True:
+            try:
+                waiting = steps.throw(error) if error is not None else steps.send(answers)
+            except StopIteration as done:
+                return done.value
+            try:
+                answers, error = [batcher.result(ticket) for batcher, ticket in waiting], None
+            except InferenceError as failure:
+                answers, error = None, failure
 
 
 async def run_async(steps: Steps) -> Tensors:
     """Drive `steps` on the running event loop, which the answering threads wake."""
     answers: list[Tensors] | None = None
     error: InferenceError | None = None
-    while True:
-        try:
-            waiting = steps.throw(error) if error is not None else steps.send(answers)
-        except StopIteration as done:
-            return done.value
-        try:
-            answers, error = [await _answer(batcher, ticket) for batcher, ticket in waiting], None
-        except InferenceError as failure:
-            answers, error = None, failure
+    with contextlib.closing(steps):  # a cancelled task still releases what it holds
+        while True:
+            try:
+                waiting = steps.throw(error) if error is not None else steps.send(answers)
+            except StopIteration as done:
+                return done.value
+            try:
+                answers, error = [await _answer(batcher, ticket) for batcher, ticket in waiting], None
+            except InferenceError as failure:
+                answers, error = None, failure
 
 
 async def _answer(batcher: DynamicBatcher, ticket: Ticket) -> Tensors:

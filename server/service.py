@@ -21,6 +21,7 @@ import grpc
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from server.batcher import CallScope
 from server.metrics import ServerMetrics
+from server.model_control import ModelController
 from server.registry import LoadedModel, ModelRegistry
 from server.repository import Repository
 from server.request_codec import DecodedRequest, InferenceError, decode_request, encode_response
@@ -53,6 +54,7 @@ class ServerState:
 
     def __init__(self) -> None:
         self.registry = ModelRegistry()
+        self.controller: ModelController | None = None  # set by the app before the ports open
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -100,9 +102,10 @@ class InferenceService:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
 
     def model_ready(self, name: str, version: str) -> bool:
-        """Whether the model version serves now; NOT_FOUND for one the server does not have."""
-        self.state.registry.get(name, version)
-        return self.state.serving
+        """Whether the model version serves now; NOT_FOUND for one the server does not have.
+        An ensemble whose member is unloaded is loaded but not ready."""
+        model = self.state.registry.get(name, version)
+        return self.state.serving and not model.unready_reason()
 
     def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
         return self.state.registry.metadata(name, version)
@@ -121,17 +124,29 @@ class InferenceService:
             models = list(registry.versions(name).values())
         return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
 
+    # -- model repository (server/model_control.py does the work) -----------------------
     def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
-        response = pb.RepositoryIndexResponse()
-        for name in self.repository.names:
-            loaded = self.state.registry.versions(name)
-            if loaded:
-                for version in sorted(loaded, key=int):
-                    response.models.add(name=name, version=version, state="READY" if self.state.ready else "LOADING")
-            elif not ready_only:
-                reason = self.repository.errors.get(name, "not loaded (not selected with --model)")
-                response.models.add(name=name, state="UNAVAILABLE", reason=reason)
-        return response
+        entries = self.state.controller.index(ready_only=ready_only)
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=entry.name, version=entry.version, state=entry.state,
+                                                  reason=entry.reason) for entry in entries])  # fmt: skip
+
+    def load_model(self, name: str, config_json: str | None, files: dict[str, bytes]) -> None:
+        self._control(self.state.controller.load, name, config_json, files)
+
+    def unload_model(self, name: str, unload_dependents: bool) -> None:
+        self._control(self.state.controller.unload, name, unload_dependents)
+
+    @staticmethod
+    def _control(operation, name: str, *args) -> None:
+        log.info("%s %s", operation.__name__, name)
+        try:
+            operation(name, *args)
+        except InferenceError:
+            raise
+        except Exception as error:  # a bug must cost one call, not the server
+            log.exception("%s %s failed", operation.__name__, name)
+            raise InferenceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}") from None
 
     # -- inference -------------------------------------------------------------------------
     def infer(self, request: pb.ModelInferRequest, deadline: float | None, scope: CallScope,
@@ -156,7 +171,8 @@ class InferenceService:
             raise InferenceError(grpc.StatusCode.UNAVAILABLE,
                                  "the server is shutting down" if state.draining
                                  else "the server is not ready: models are still loading")
-        call.model = state.registry.get(request.model_name, request.model_version)
+        # A lease: a version replaced meanwhile finishes this request before it closes.
+        call.model = state.registry.acquire(request.model_name, request.model_version)
         return decode_request(request, call.model.spec)
 
     @contextmanager
@@ -177,6 +193,8 @@ class InferenceService:
         else:
             self._count(call, "success")
         finally:
+            if call.model is not None:
+                call.model.release()
             self.state.end_request()
 
     @staticmethod

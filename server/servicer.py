@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-import grpc
-
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.batcher import CallScope
+from server.model_control import FILE_PARAMETER_PREFIX
 from server.request_codec import InferenceError
 from server.service import InferenceService
 
@@ -64,8 +63,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         log.debug("ModelStatistics name=%r version=%r", request.name, request.version)
         return _answer(context, self.service.model_statistics, request.name, request.version)
 
+    # -- model repository (server/model_control.py does the work) ----------------------
     def RepositoryIndex(self, request, context):
         return self.service.repository_index(request.ready)
+
+    def RepositoryModelLoad(self, request, context):
+        parameters = request.parameters
+        config = parameters["config"].string_param if "config" in parameters else None
+        files = {key[len(FILE_PARAMETER_PREFIX):]: value.bytes_param for key, value in parameters.items()
+                 if key.startswith(FILE_PARAMETER_PREFIX)}  # fmt: skip
+        _answer(context, self.service.load_model, request.model_name, config, files)
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request, context):
+        parameters = request.parameters
+        dependents = "unload_dependents" in parameters and parameters["unload_dependents"].bool_param
+        _answer(context, self.service.unload_model, request.model_name, dependents)
+        return pb.RepositoryModelUnloadResponse()
 
     def ModelInfer(self, request, context):
         deadline = _deadline(context)

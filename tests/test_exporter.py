@@ -252,6 +252,30 @@ def test_existing_model_needs_overwrite(tmp_path, runs, data_dir):
     assert sorted(p.name for p in repository.iterdir()) == ["digits"]
 
 
+def test_next_version_adds_a_version_beside_the_others(tmp_path, runs, data_dir):
+    repository = tmp_path / "repo"
+    export_repository(runs, repository, "tiny", data_dir=data_dir)
+    config_before = {name: (repository / name / "config.pbtxt").read_bytes() for name in ("tiny", "tiny-m0")}
+    version_1 = (repository / "tiny-m0" / "1" / "model.onnx").read_bytes()
+    result = export_repository(list(reversed(runs)), repository, "tiny", data_dir=data_dir, next_version=True)
+    for member in ("tiny-m0", "tiny-m1", "tiny-average"):
+        assert sorted(p.name for p in (repository / member).iterdir() if p.is_dir()) == ["1", "2"], member
+        assert (repository / member / "2" / "parity.json").is_file()
+    assert (repository / "tiny-m0" / "1" / "model.onnx").read_bytes() == version_1  # untouched
+    assert (repository / "tiny-m0" / "2" / "model.onnx").read_bytes() != version_1
+    assert {name: (repository / name / "config.pbtxt").read_bytes() for name in config_before} == config_before
+    assert sorted(p.name for p in (repository / "tiny").iterdir()) == ["1", "config.pbtxt", "labels.txt", "parity.json"]
+    assert result["tiny-m0"].path == repository / "tiny-m0"
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]  # the staging folder is gone
+
+    export_repository(runs[:1], repository, "tiny-m0", data_dir=data_dir, version=7)
+    assert (repository / "tiny-m0" / "7" / "model.onnx").is_file()
+    with pytest.raises(ExportError, match="version 7 of tiny-m0 already exists"):
+        export_repository(runs[:1], repository, "tiny-m0", data_dir=data_dir, version=7)
+    with pytest.raises(ExportError, match="choose one"):
+        export_repository(runs[:1], repository, "tiny-m0", data_dir=data_dir, next_version=True, overwrite=True)
+
+
 @pytest.fixture
 def broken_runs(tmp_path, runs) -> dict[str, Path]:
     no_weights = tmp_path / "no-weights"

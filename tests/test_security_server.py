@@ -141,10 +141,10 @@ def test_token_server_end_to_end(start_server, tiny_repository, pki, tmp_path, m
     assert rpc_code(lambda: infer_images(address, wrong, model, images)) == grpc.StatusCode.UNAUTHENTICATED
     with open_channel(address, anonymous) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        for call in (lambda: stub.ServerReady(pb.ServerReadyRequest(), timeout=10),
-                     lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=10),
-                     lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)):  # fmt: skip
-            assert rpc_code(call) == grpc.StatusCode.UNAUTHENTICATED
+        for rpc in (lambda: stub.ServerReady(pb.ServerReadyRequest(), timeout=10),
+                    lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=10),
+                    lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)):  # fmt: skip
+            assert rpc_code(rpc) == grpc.StatusCode.UNAUTHENTICATED
         reflection = reflection_stub(channel)
         assert rpc_code(reflection) == grpc.StatusCode.UNAUTHENTICATED
 

@@ -8,7 +8,8 @@ from another test file; they import from here.
                     wait_for_no_pending
   datasets          fake MNIST / CIFAR-10 files in the real on-disk formats
   tiny_pipeline     the tiny repository made by the real trainer and exporter (needs torch)
-  tiny_models       the same repository built with onnx.helper (a server-only install)
+  tiny_models       the same repository built with onnx.helper (a server-only install);
+                    versioned member models and a CIFAR-size one for model control
   known_answer      a model and data set whose accuracy, confusion and calibration are known
   tls_certificates  a CA, server and client certificates generated per session
   aio_client        an asyncio channel with the client's security options

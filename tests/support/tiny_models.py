@@ -143,3 +143,80 @@ def write_tiny_repository(root: Path) -> dict:
     _write_model(root, NAME, _ensemble_config(NAME, members, average), None)
     return dict(path=root, ensemble=NAME, members=tuple(members), average=average, height=HEIGHT, width=WIDTH,
                 channels=CHANNELS, class_names=CLASS_NAMES, max_batch_size=MAX_BATCH_SIZE)
+
+
+# ---------------------------------------------------------------------------------------
+# Versions, for model control: one member model whose versions answer differently
+# ---------------------------------------------------------------------------------------
+def write_member_model(root: Path, name: str, seed: int, config_extra: str = "") -> Path:
+    """Model `name`, version 1 = member_graph(seed); `config_extra` is appended to its
+    config.pbtxt (a version_policy, a model_warmup)."""
+    _write_model(root, name, _member_config(name) + config_extra, member_graph(seed))
+    return root / name
+
+
+def member_model_bytes(seed: int) -> bytes:
+    """member_graph(seed) as an ONNX file's bytes (for expected outputs and published versions)."""
+    model = helper.make_model(member_graph(seed), opset_imports=[helper.make_opsetid("", OPSET)], ir_version=9)
+    return model.SerializeToString()
+
+
+def publish_member_version(root: Path, name: str, version: int, seed: int | None = None,
+                           model_bytes: bytes | None = None) -> Path:  # fmt: skip
+    """Add version `version` (member_graph(seed), or `model_bytes` as its model.onnx) to
+    model `name` as the exporter does: built in a hidden staging folder of the repository,
+    then renamed into place, so a polling server sees all of it or nothing."""
+    from exporter.repository import publish_version
+
+    staging = root / f".staging-{name}-{version}"
+    if model_bytes is None:
+        _save(member_graph(seed), staging / "model.onnx")
+    else:
+        staging.mkdir(parents=True)
+        (staging / "model.onnx").write_bytes(model_bytes)
+    return publish_version(staging, root / name, str(version))
+
+
+def cifar_size_graph(seed: int, hidden: int = 640, classes: int = 10) -> onnx.GraphProto:
+    """A CIFAR-10 signature (uint8 [N, 32, 32, 3]) with about as many weights as the
+    exported airbench member (~2 M floats, ~8 MB): scale, two linear layers, softmax."""
+    features = 32 * 32 * 3
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["pixels", "flat_shape"], ["flat"]),
+        helper.make_node("Mul", ["flat", "scale"], ["scaled"]),
+        helper.make_node("MatMul", ["scaled", "w1"], ["hidden"]),
+        helper.make_node("Relu", ["hidden"], ["activated"]),
+        helper.make_node("MatMul", ["activated", "w2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array([-1, features], dtype=np.int64), "flat_shape"),
+        numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale"),
+        numpy_helper.from_array(rng.normal(0, 0.02, (features, hidden)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.05, (hidden, classes)).astype(np.float32), "w2"),
+    ]
+    return helper.make_graph(
+        nodes, f"cifar{seed}",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 32, 32, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializers,
+    )
+
+
+def write_cifar_size_model(root: Path, name: str, seed: int = 0) -> Path:
+    config = f"""
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {MAX_BATCH_SIZE}
+input {{ name: "images" data_type: TYPE_UINT8 format: FORMAT_NHWC dims: [32, 32, 3] }}
+output {{ name: "probabilities" data_type: TYPE_FP32 dims: [10] }}
+dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
+instance_group {{ kind: KIND_CPU count: 1 }}
+"""
+    directory = root / name
+    (directory / "1").mkdir(parents=True, exist_ok=True)
+    save_model_config(parse_model_config(config, name), directory / "config.pbtxt")
+    _save(cifar_size_graph(seed), directory / "1" / "model.onnx")
+    return directory
