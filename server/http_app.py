@@ -7,6 +7,7 @@
     GET  /v2/models/stats                                     every model's statistics
     POST /v2/models/{m}[/versions/{v}]/infer                  JSON or binary tensors
     POST /v2/repository/index
+    POST /v2/repository/models/{m}/load | /unload             model control (--model-control-mode explicit)
 
 Every answer comes from the same `InferenceService` as gRPC's, on the event loop:
 inference waits for its batch without a thread of its own (server.scheduling.run_async),
@@ -19,6 +20,7 @@ before it is parsed. Bearer tokens, when configured, guard everything but /v2/he
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import logging
@@ -42,6 +44,7 @@ from server.http_codec import (
     message_dict,
     message_json,
 )
+from server.model_control import FILE_PARAMETER_PREFIX
 from server.request_codec import InferenceError, invalid
 from server.security import TokenCheck
 from server.service import InferenceService
@@ -120,6 +123,8 @@ class HttpApp:
             ("GET", re.compile(_MODEL), self.model_metadata),
             ("POST", re.compile(_MODEL + "/infer"), self.infer),
             ("POST", re.compile(r"/v2/repository/index"), self.repository_index),
+            ("POST", re.compile(r"/v2/repository/models/(?P<name>[^/]+)/load"), self.load_model),
+            ("POST", re.compile(r"/v2/repository/models/(?P<name>[^/]+)/unload"), self.unload_model),
         ]
 
     # -- ASGI ----------------------------------------------------------------------------------
@@ -263,6 +268,23 @@ class HttpApp:
         # Triton answers a bare list of models.
         return json_response([message_dict(model) for model in index.models])
 
+    async def load_model(self, request: Request) -> Response:
+        parameters = _object((await _json_options(request)).get("parameters", {}), "'parameters'")
+        config = parameters.get("config")
+        if config is not None and not isinstance(config, str):
+            config = json.dumps(config)  # a ModelConfig given as an object rather than as a JSON string
+        files = {key[len(FILE_PARAMETER_PREFIX):]: _base64(key, value) for key, value in parameters.items()
+                 if key.startswith(FILE_PARAMETER_PREFIX)}  # fmt: skip
+        # Loading builds sessions and waits for the old version's last request: off the event loop.
+        await asyncio.to_thread(self.service.load_model, request.params["name"], config, files)
+        return json_response({})
+
+    async def unload_model(self, request: Request) -> Response:
+        parameters = _object((await _json_options(request)).get("parameters", {}), "'parameters'")
+        dependents = parameters.get("unload_dependents", False) is True
+        await asyncio.to_thread(self.service.unload_model, request.params["name"], dependents)
+        return json_response({})
+
     async def infer(self, request: Request) -> Response:
         body = await request.read_body()
         try:
@@ -306,9 +328,21 @@ async def _json_options(request: Request) -> dict:
         options = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise invalid(f"request body is not valid JSON: {error}") from None
-    if not isinstance(options, dict):
-        raise invalid(f"request body must be a JSON object, got {type(options).__name__}")
-    return options
+    return _object(options, "request body")
+
+
+def _object(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _base64(key: str, value) -> bytes:
+    """A model file of a load request: base64 text, as tritonclient.http sends it."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (TypeError, ValueError):
+        raise invalid(f"load parameter {key!r} must be the file's content in base64") from None
 
 
 def _accepted_encoding(accept_encoding: str) -> str | None:

@@ -365,12 +365,18 @@ def test_model_warmup_runs_before_ready(start_server, tmp_path):
 TRITONCLIENT_SCRIPT = Path(__file__).parent / "tritonclient_scripts" / "model_control.py"
 
 
-def tritonclient_report(server, tiny: dict) -> dict:
+# How each client reports an error's kind: a gRPC status, an HTTP status code.
+STATUS = {"grpc": {"NOT_FOUND": "StatusCode.NOT_FOUND", "UNAVAILABLE": "StatusCode.UNAVAILABLE"},
+          "http": {"NOT_FOUND": "404", "UNAVAILABLE": "503"}}
+
+
+def tritonclient_report(server, tiny: dict, protocol: str) -> dict:
     """tritonclient in its own process (its protobuf symbols clash with ours)."""
     if importlib.util.find_spec("tritonclient") is None:  # never import it here
         pytest.skip("tritonclient is not installed (the 'test' extra)")
     member = tiny["members"][0]
-    result = subprocess.run([sys.executable, str(TRITONCLIENT_SCRIPT), "--url", server.grpc_address,
+    url = server.grpc_address if protocol == "grpc" else f"127.0.0.1:{server.http_port}"
+    result = subprocess.run([sys.executable, str(TRITONCLIENT_SCRIPT), "--protocol", protocol, "--url", url,
                              "--model", member, "--ensemble", tiny["ensemble"],
                              "--onnx", str(tiny["path"] / tiny["members"][1] / "1" / "model.onnx")],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -383,11 +389,12 @@ def rows(answer: dict) -> dict[tuple[str, str], tuple[str, str]]:
             for row in answer["answer"].get("models", [])}  # fmt: skip
 
 
-def test_tritonclient_load_unload_and_index_in_explicit_mode(start_server, tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_tritonclient_load_unload_and_index_in_explicit_mode(start_server, tmp_path, protocol):
     tiny = write_tiny_repository(tmp_path / "tiny")
     member, ensemble = tiny["members"][0], tiny["ensemble"]
     server = start_server(tiny["path"], "--model-control-mode", "explicit")  # nothing loaded at start
-    report = tritonclient_report(server, tiny)
+    report = tritonclient_report(server, tiny, protocol)
     assert set(rows(report["index_before"]).values()) == {("UNAVAILABLE", "not loaded (load it with RepositoryModelLoad)")}
     for step in ("load", "load_ensemble", "load_with_config", "load_with_files", "unload", "load_again",
                  "unload_dependents"):  # fmt: skip
@@ -402,15 +409,16 @@ def test_tritonclient_load_unload_and_index_in_explicit_mode(start_server, tmp_p
     final = rows(report["index_final"])
     assert final[(member, "1")] == ("UNAVAILABLE", "unloaded") and final[(ensemble, "1")] == ("UNAVAILABLE", "unloaded")
     assert final[(tiny["members"][1], "1")] == ("READY", "")
-    assert report["load_unknown"]["status"] == "StatusCode.NOT_FOUND"
+    assert report["load_unknown"]["status"] == STATUS[protocol]["NOT_FOUND"]
     assert "failed to load 'no-such-model'" in report["load_unknown"]["message"]
 
 
-def test_tritonclient_gets_clear_errors_in_mode_none(start_server, tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_tritonclient_gets_clear_errors_in_mode_none(start_server, tmp_path, protocol):
     tiny = write_tiny_repository(tmp_path / "tiny")
-    report = tritonclient_report(start_server(tiny["path"]), tiny)
+    report = tritonclient_report(start_server(tiny["path"]), tiny, protocol)
     for step in ("load", "load_ensemble", "load_with_config", "load_with_files", "unload", "unload_dependents"):
-        assert report[step]["status"] == "StatusCode.UNAVAILABLE", step
+        assert report[step]["status"] == STATUS[protocol]["UNAVAILABLE"], step
         assert "not allowed in model control mode 'none'" in report[step]["message"], step
     assert report["ready_after_load"] is True and report["ensemble_ready_after_member_unload"] is True
     assert set(rows(report["index_final"]).values()) == {("READY", "")}
