@@ -43,48 +43,53 @@ class Scheduler(Protocol):
 
 def run_blocking(steps: Steps) -> Tensors:
     """Drive `steps` on this thread, blocking on each ticket until it is answered."""
-    answers: list[Tensors] | None = None
-    error: InferenceError | None = None
     with contextlib.closing(steps):  # an abandoned run still releases what it holds
-        while True:
-            try:
-                waiting = steps.throw(error) if error is not None else steps.send(answers)
-            except StopIteration as done:
-                return done.value
-            try:
-                answers, error = [batcher.result(ticket) for batcher, ticket in waiting], None
-            except InferenceError as failure:
-                answers, error = None, failure
+        waiting, outputs = _advance(steps, None, None)
+        while waiting is not None:
+            waiting, outputs = _advance(steps, *_collect(waiting))
+        return outputs
 
 
 async def run_async(steps: Steps) -> Tensors:
     """Drive `steps` on the running event loop, which the answering threads wake."""
-    answers: list[Tensors] | None = None
-    error: InferenceError | None = None
     with contextlib.closing(steps):  # a cancelled task still releases what it holds
-        while True:
-            try:
-                waiting = steps.throw(error) if error is not None else steps.send(answers)
-            except StopIteration as done:
-                return done.value
-            try:
-                answers, error = [await _answer(batcher, ticket) for batcher, ticket in waiting], None
-            except InferenceError as failure:
-                answers, error = None, failure
+        waiting, outputs = _advance(steps, None, None)
+        while waiting is not None:
+            for batcher, ticket in waiting:
+                await _answered(batcher, ticket)
+            waiting, outputs = _advance(steps, *_collect(waiting))
+        return outputs
 
 
-async def _answer(batcher: DynamicBatcher, ticket: Ticket) -> Tensors:
-    """The ticket's outputs (or its error raised) once answered; at its deadline it is
-    withdrawn if still queued, and a cancelled task withdraws it too."""
+def _advance(steps: Steps, answers: list[Tensors] | None, error: InferenceError | None):
+    """Send `answers` into `steps` (or throw `error` there): (the tickets it waits for next,
+    None), or (None, the request's outputs) once it is done."""
+    try:
+        return (steps.throw(error) if error is not None else steps.send(answers)), None
+    except StopIteration as done:
+        return None, done.value
+
+
+def _collect(waiting: list[tuple[DynamicBatcher, Ticket]]) -> tuple[list[Tensors] | None, InferenceError | None]:
+    """(the tickets' outputs, None), or (None, the first error); blocks until each is answered."""
+    try:
+        return [batcher.result(ticket) for batcher, ticket in waiting], None
+    except InferenceError as failure:
+        return None, failure
+
+
+async def _answered(batcher: DynamicBatcher, ticket: Ticket) -> None:
+    """Returns once the ticket is answered; at its deadline it is withdrawn if still queued,
+    and a cancelled task withdraws it too."""
+    if ticket.answered:
+        return
+    loop = asyncio.get_running_loop()
+    answered = loop.create_future()
+    ticket.on_answer = lambda: loop.call_soon_threadsafe(_resolve, answered)
+    # Ticket.answer reads on_answer after marking the ticket answered: an answer that came
+    # before the line above is seen here, and one that comes after calls it.
     if not ticket.answered:
-        loop = asyncio.get_running_loop()
-        answered = loop.create_future()
-        ticket.on_answer = lambda: loop.call_soon_threadsafe(_resolve, answered)
-        # Ticket.answer reads on_answer after marking the ticket answered: an answer that came
-        # before the line above is seen here, and one that comes after calls it.
-        if not ticket.answered:
-            await _wait(batcher, ticket, answered, loop)
-    return batcher.result(ticket)  # answered: returns (or raises) at once
+        await _wait(batcher, ticket, answered, loop)
 
 
 async def _wait(batcher: DynamicBatcher, ticket: Ticket, answered: asyncio.Future,

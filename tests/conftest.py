@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from tests.support import known_answer as known
 from tests.support.servers import ROOT, RunningServer, free_port, server_command, wait_until_ready
 
 
@@ -143,3 +144,20 @@ def server(start_server, tiny_repository) -> RunningServer:
 @pytest.fixture
 def inference_stub(server) -> pb_grpc.GRPCInferenceServiceStub:
     return server.stub()
+
+
+# ---------------------------------------------------------------------------------------
+# The known-answer model (tests/support/known_answer.py), for the client tests
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def known_server(start_server, tmp_path_factory):
+    """The known-answer model loaded; a second model `other` in the repository but not loaded."""
+    repository = tmp_path_factory.mktemp("known_repository")
+    known.write_model_repository(repository, name="known")
+    known.write_model_repository(repository, name="other")
+    return start_server(repository, "--model", "known")
+
+
+@pytest.fixture(scope="session")
+def known_data_dir(tmp_path_factory):
+    return known.write_mnist_test_split(tmp_path_factory.mktemp("known_data"), known.images(), known.LABELS)

@@ -26,20 +26,6 @@ from tests.support.servers import ROOT, free_port
 
 
 @pytest.fixture(scope="module")
-def known_server(start_server, tmp_path_factory):
-    """The known-answer model loaded; a second model `other` in the repository but not loaded."""
-    repository = tmp_path_factory.mktemp("known_repository")
-    known.write_model_repository(repository, name="known")
-    known.write_model_repository(repository, name="other")
-    return start_server(repository, "--model", "known")
-
-
-@pytest.fixture(scope="module")
-def known_data_dir(tmp_path_factory):
-    return known.write_mnist_test_split(tmp_path_factory.mktemp("known_data"), known.images(), known.LABELS)
-
-
-@pytest.fixture(scope="module")
 def cifar_shaped_data_dir(tmp_path_factory):
     """A CIFAR-10 layout test_batch of 4 images (32x32x3), for the shape-mismatch path."""
     import pickle

@@ -20,16 +20,10 @@ from client.http_connection import HttpConnection
 from client.http_inference import HEADER_LENGTH, infer_request, output_array
 from client.predict import predict_images
 from client.security import ClientSecurity
-from client.transport import ClientError, ImageModel, ServerError, TensorSpec, connect
+from client.transport import ClientError, ServerError, connect
+from tests.support.client_models import MNIST_MODEL
 from tests.support.servers import free_port
 
-MNIST_MODEL = ImageModel(
-    name="mnist",
-    version="",
-    platform="ensemble",
-    image_input=TensorSpec("images", "UINT8", (-1, 28, 28, 1)),
-    probabilities_output=TensorSpec("probabilities", "FP32", (-1, 10)),
-)
 
 
 # --------------------------------------------------------------------------- wire encoding

@@ -22,20 +22,6 @@ from tests.support.security import TOKEN, pki  # noqa: F401, F811 (pki is a fixt
 from tests.support.servers import ROOT, wait_until
 
 
-@pytest.fixture(scope="module")
-def known_server(start_server, tmp_path_factory):
-    """The known-answer model loaded; a second model `other` in the repository but not loaded."""
-    repository = tmp_path_factory.mktemp("known_repository")
-    known.write_model_repository(repository, name="known")
-    known.write_model_repository(repository, name="other")
-    return start_server(repository, "--model", "known")
-
-
-@pytest.fixture(scope="module")
-def known_data_dir(tmp_path_factory):
-    return known.write_mnist_test_split(tmp_path_factory.mktemp("known_data"), known.images(), known.LABELS)
-
-
 def run_client(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "160", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "client", *args], capture_output=True, text=True, cwd=ROOT,

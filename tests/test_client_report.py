@@ -21,14 +21,8 @@ from client.report import build_report, confusion_table, print_report, write_rep
 from client.transport import ClientError, ImageModel, ModelMetadata, TensorSpec, image_model_from_metadata
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from tests.support import known_answer as known
+from tests.support.client_models import MNIST_MODEL
 
-MNIST_MODEL = ImageModel(
-    name="mnist",
-    version="",
-    platform="ensemble",
-    image_input=TensorSpec("images", "UINT8", (-1, 28, 28, 1)),
-    probabilities_output=TensorSpec("probabilities", "FP32", (-1, 10)),
-)
 
 
 # --------------------------------------------------------------------------- report: known answers

@@ -156,7 +156,7 @@ def _bad_cases(tiny_repository):
          "not valid JSON"),
         ("unknown model", "POST", "/v2/models/no-such-model/infer", good, good_headers, 404, "unknown model 'no-such-model'"),
         ("unknown version", "POST", f"/v2/models/{member}/versions/7/infer", good, good_headers, 404,
-         "has no version '7'; versions served: 1"),
+         "has no version '7' loaded; versions served: 1"),
         ("unknown model metadata", "GET", "/v2/models/no-such-model", None, {}, 404, "unknown model"),
         ("body over --max-message-size", "POST", infer_path, b"{}", {"Content-Length": str(1 << 40)}, 413,
          "larger than --max-message-size"),
