@@ -44,7 +44,9 @@ PARTS = [
     ("batcher", r"server/batcher\.py|server/ensemble\.py"),
     ("event loop and thread hops", r"threading\.py|concurrent/futures|asyncio/|_asynciomodule|futex|pthread_cond|"
                                    r"sem_wait|sem_post|eventfd|PyThread_acquire_lock|PyThread_release_lock|take_gil|drop_gil"),
-    ("our request code (servicer, codec)", r"server/servicer\.py|server/request_codec\.py|server/http"),
+    ("our request code (servicer, codec)", r"server/servicer\.py|server/service\.py|server/request_codec\.py|"
+                                           r"server/http|server/scheduling\.py"),
+    ("HTTP and JSON (uvicorn, httptools, json)", r"uvicorn/|httptools|json/|_json"),
     ("grpc C-core and its Python layer", r"grpc|cygrpc|libgrpc|epoll|tcp_|chttp2|absl|sendmsg|recvmsg|recv \(|sock_"),
 ]
 _COMPILED = [(part, re.compile(pattern)) for part, pattern in PARTS]
@@ -93,10 +95,11 @@ def py_spy(pid: int, seconds: int, rate: int, out: Path, format_: str) -> subpro
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
 
-def load(perf_analyzer: Path, address: str, model: str, concurrency: int, seconds: int, stop: threading.Event) -> None:
+def load(perf_analyzer: Path, protocol: str, address: str, model: str, concurrency: int, seconds: int,
+         stop: threading.Event) -> None:  # fmt: skip
     """Keep perf_analyzer running against `model` until `stop` is set."""
     while not stop.is_set():
-        subprocess.run([str(perf_analyzer), "-m", model, "-i", "grpc", "-u", address, "--concurrency-range",
+        subprocess.run([str(perf_analyzer), "-m", model, "-i", protocol, "-u", address, "--concurrency-range",
                         f"{concurrency}:{concurrency}", "--measurement-interval", str(seconds * 1000),
                         "-s", "1000", "--max-trials", "1"], capture_output=True)  # fmt: skip
 
@@ -105,7 +108,8 @@ def profile_model(args, model: str, workdir: Path) -> dict:
     server = ServerProcess(our_server_command(args.model_repository, args.server_flag), workdir / f"{model}.log",
                            cwd=args.ours_root)
     stop = threading.Event()
-    loader = threading.Thread(target=load, args=(args.perf_analyzer, server.address, model, args.concurrency,
+    address = server.http_address if args.protocol == "http" else server.address
+    loader = threading.Thread(target=load, args=(args.perf_analyzer, args.protocol, address, model, args.concurrency,
                                                  args.seconds, stop))  # fmt: skip
     try:
         loader.start()
@@ -115,10 +119,11 @@ def profile_model(args, model: str, workdir: Path) -> dict:
         time.sleep(args.seconds)
         after = server.snapshot()
         cpu_us = 1e6 * (after.cpu_s - before.cpu_s) / max(after.inferences[model] - before.inferences[model], 1)
-        svg = args.out / f"flame-{model}-c{args.concurrency}.svg"
+        tag = f"{model}-c{args.concurrency}" + ("-http" if args.protocol == "http" else "")
+        svg = args.out / f"flame-{tag}.svg"
         recorder = py_spy(server.process.pid, args.seconds, args.rate, svg, "flamegraph")
         recorder.wait()
-        collapsed = args.out / f"stacks-{model}-c{args.concurrency}.txt"
+        collapsed = args.out / f"stacks-{tag}.txt"
         recorder = py_spy(server.process.pid, args.seconds, args.rate, collapsed, "raw")
         _, errors = recorder.communicate()
         if recorder.returncode != 0:
@@ -131,7 +136,7 @@ def profile_model(args, model: str, workdir: Path) -> dict:
     parts, off_cpu = split_samples(collapsed)
     on_cpu = sum(parts.values())
     split = {part: cpu_us * parts.get(part, 0) / max(on_cpu, 1) for part, _ in [*PARTS, (OTHER, "")]}
-    print(f"\n{model} at concurrency {args.concurrency}: {requests / args.seconds:.0f} requests/s without py-spy, "
+    print(f"\n{model} over {args.protocol} at concurrency {args.concurrency}: {requests / args.seconds:.0f} requests/s without py-spy, "
           f"server CPU {cpu_us:.0f} us per request (all threads, /proc); py-spy samples: {on_cpu} on CPU, "
           f"{off_cpu} waiting")
     for part, us in sorted(split.items(), key=lambda item: -item[1]):
@@ -146,6 +151,7 @@ def main() -> None:
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--model", action="append", required=True)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="perf_analyzer's -i")
     parser.add_argument("--seconds", type=int, default=10, help="length of each recording")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--server-flag", action="append", default=[])
@@ -157,7 +163,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
         results = [profile_model(args, model, Path(tmp)) for model in args.model]
-    (args.out / f"split-c{args.concurrency}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"split-c{args.concurrency}-{args.protocol}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
