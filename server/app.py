@@ -133,7 +133,7 @@ async def serve(settings: ServerSettings) -> None:
     metrics = ServerMetrics()
     state = ServerState()
     state.controller = ModelController(settings, repository, state.registry, metrics)
-    ports = _open_ports(settings, InferenceService(state, repository, metrics))
+    ports = _open_ports(settings, InferenceService(state, metrics))
     state.controller.on_model_change = ports.health.model_changed
     try:
         await ports.start(names)

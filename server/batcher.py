@@ -172,10 +172,6 @@ class DynamicBatcher:
         (outputs,) = yield [(self, self.submit(inputs, batch_size, deadline, scope))]
         return outputs
 
-    def infer(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None
-              ) -> Tensors:  # fmt: skip
-        return self.result(self.submit(inputs, batch_size, deadline, scope))
-
     def expire_if_queued(self, ticket: Ticket) -> None:
         """At the ticket's deadline: withdraw it if it is still queued."""
         self.withdraw(ticket, self._expired(ticket))

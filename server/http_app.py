@@ -41,8 +41,10 @@ from server.http_codec import (
     error_body,
     infer_request,
     infer_response,
+    json_object,
     message_dict,
     message_json,
+    parse_json_object,
 )
 from server.model_control import FILE_PARAMETER_PREFIX
 from server.request_codec import InferenceError, invalid
@@ -112,7 +114,9 @@ class HttpApp:
         self.service = service
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
+        # Tried in order; inference first, as nearly every request is one.
         self.routes: list[tuple[str, re.Pattern, Callable[[Request], Awaitable[Response]]]] = [
+            ("POST", re.compile(_MODEL + "/infer"), self.infer),
             ("GET", re.compile(r"/v2/health/live"), self.live),
             ("GET", re.compile(r"/v2/health/ready"), self.ready),
             ("GET", re.compile(r"/v2"), self.server_metadata),
@@ -121,7 +125,6 @@ class HttpApp:
             ("GET", re.compile(_MODEL + "/ready"), self.model_ready),
             ("GET", re.compile(_MODEL + "/config"), self.model_config),
             ("GET", re.compile(_MODEL), self.model_metadata),
-            ("POST", re.compile(_MODEL + "/infer"), self.infer),
             ("POST", re.compile(r"/v2/repository/index"), self.repository_index),
             ("POST", re.compile(r"/v2/repository/models/(?P<name>[^/]+)/load"), self.load_model),
             ("POST", re.compile(r"/v2/repository/models/(?P<name>[^/]+)/unload"), self.unload_model),
@@ -269,7 +272,7 @@ class HttpApp:
         return json_response([message_dict(model) for model in index.models])
 
     async def load_model(self, request: Request) -> Response:
-        parameters = _object((await _json_options(request)).get("parameters", {}), "'parameters'")
+        parameters = await _control_parameters(request)
         config = parameters.get("config")
         if config is not None and not isinstance(config, str):
             config = json.dumps(config)  # a ModelConfig given as an object rather than as a JSON string
@@ -280,7 +283,7 @@ class HttpApp:
         return json_response({})
 
     async def unload_model(self, request: Request) -> Response:
-        parameters = _object((await _json_options(request)).get("parameters", {}), "'parameters'")
+        parameters = await _control_parameters(request)
         dependents = parameters.get("unload_dependents", False) is True
         await asyncio.to_thread(self.service.unload_model, request.params["name"], dependents)
         return json_response({})
@@ -322,19 +325,12 @@ def _header_length(headers: dict[str, str]) -> int | None:
 async def _json_options(request: Request) -> dict:
     """A small optional JSON object body (repository requests)."""
     body = await request.read_body()
-    if not body.strip():
-        return {}
-    try:
-        options = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise invalid(f"request body is not valid JSON: {error}") from None
-    return _object(options, "request body")
+    return parse_json_object(body, "request body") if body.strip() else {}
 
 
-def _object(value, what: str) -> dict:
-    if not isinstance(value, dict):
-        raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
-    return value
+async def _control_parameters(request: Request) -> dict:
+    """The `parameters` of a load or unload body (Triton's), {} without a body."""
+    return json_object((await _json_options(request)).get("parameters", {}), "'parameters'")
 
 
 def _base64(key: str, value) -> bytes:

@@ -60,13 +60,13 @@ def infer_request(body: bytes, header_length: int | None, model: str, version: s
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     if "id" in header:
         request.id = _typed(header["id"], str, "'id'")
-    parameters = _object(header.get("parameters", {}), "request 'parameters'")
+    parameters = json_object(header.get("parameters", {}), "request 'parameters'")
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise invalid("request JSON needs 'inputs': a non-empty list of tensors")
     offset = 0
     for index, tensor in enumerate(inputs):
-        offset = _add_input(request, _object(tensor, f"inputs[{index}]"), binary, offset)
+        offset = _add_input(request, json_object(tensor, f"inputs[{index}]"), binary, offset)
     if offset != len(binary):
         raise invalid(f"the body carries {len(binary)} bytes of binary data after the JSON header; "
                       f"the inputs' binary_data_size add up to {offset}")
@@ -78,15 +78,20 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict, memoryview]:
     if header_length is not None and not 0 < header_length <= len(body):
         raise invalid(f"{HEADER_LENGTH} is {header_length}; the body has {len(body)} bytes")
     text = body if header_length is None else body[:header_length]
+    where = f" (the first {header_length} bytes, per {HEADER_LENGTH})" if header_length else ""
+    return parse_json_object(text, "request JSON", where), memoryview(body)[header_length or len(body):]
+
+
+def parse_json_object(text: bytes, what: str, where: str = "") -> dict:
+    """The JSON object in `text` (a request body, or `where` in it); 400 when it is not one."""
     try:
-        header = json.loads(text)
+        value = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        where = f" (the first {header_length} bytes, per {HEADER_LENGTH})" if header_length else ""
         raise invalid(f"request body{where} is not valid JSON: {error}") from None
-    return _object(header, "request JSON"), memoryview(body)[header_length or len(body):]
+    return json_object(value, what)
 
 
-def _object(value, what: str) -> dict:
+def json_object(value, what: str) -> dict:
     if not isinstance(value, dict):
         raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
@@ -108,7 +113,7 @@ def _add_input(request: pb.ModelInferRequest, tensor: dict, binary: memoryview, 
                                               for d in shape):  # fmt: skip
         raise invalid(f"input {name!r}: 'shape' must be a list of non-negative integers, got {json.dumps(shape)}")
     request.inputs.add(name=name, datatype=datatype, shape=shape)
-    size = _object(tensor.get("parameters", {}), f"input {name!r}: 'parameters'").get("binary_data_size")
+    size = json_object(tensor.get("parameters", {}), f"input {name!r}: 'parameters'").get("binary_data_size")
     if size is not None:
         size = _typed(size, int, f"input {name!r}: binary_data_size")
         if "data" in tensor:
@@ -191,10 +196,10 @@ def _add_outputs(request: pb.ModelInferRequest, outputs, parameters: dict) -> Re
         raise invalid(f"parameter binary_data_output must be true or false, got {json.dumps(binary_by_default)}")
     binary = {}
     for index, output in enumerate(outputs):
-        output = _object(output, f"outputs[{index}]")
+        output = json_object(output, f"outputs[{index}]")
         name = _typed(output.get("name"), str, "an output's 'name'")
         requested = request.outputs.add(name=name)
-        output_parameters = _object(output.get("parameters", {}), f"output {name!r}: 'parameters'")
+        output_parameters = json_object(output.get("parameters", {}), f"output {name!r}: 'parameters'")
         if "binary_data" in output_parameters:
             binary[name] = output_parameters["binary_data"] is True
         for key in CLASSIFICATION_PARAMETERS:

@@ -23,7 +23,6 @@ from server.batcher import CallScope
 from server.metrics import ServerMetrics
 from server.model_control import ModelController
 from server.registry import LoadedModel, ModelRegistry
-from server.repository import Repository
 from server.request_codec import DecodedRequest, InferenceError, decode_request, encode_response
 from server.scheduling import run_async, run_blocking
 
@@ -85,15 +84,13 @@ class _Call:
     """One inference call while it is handled: what its accounting needs."""
 
     protocol: str
-    deadline: float | None
     start: float
     model: LoadedModel | None = None
 
 
 class InferenceService:
-    def __init__(self, state: ServerState, repository: Repository, metrics: ServerMetrics):
+    def __init__(self, state: ServerState, metrics: ServerMetrics):
         self.state = state
-        self.repository = repository
         self.metrics = metrics
         self.version = _server_version()
 
@@ -179,7 +176,7 @@ class InferenceService:
     def _accounted(self, protocol: str, deadline: float | None):
         """Counts the call in flight while it runs, then records its outcome; an unexpected
         exception becomes INTERNAL: a bug must cost one request, not the server."""
-        call = _Call(protocol, deadline, time.perf_counter())
+        call = _Call(protocol, time.perf_counter())
         self.state.begin_request()
         try:
             yield call

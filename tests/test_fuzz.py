@@ -289,13 +289,17 @@ def decoded_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
-def check_ok_answer(request, response, reference: Reference) -> None:
-    """An accepted request must get the right numbers (or the right top-k strings)."""
+def expected_probabilities(request: pb.ModelInferRequest, reference: Reference) -> np.ndarray:
+    """What an accepted request must be answered, computed in this process."""
     inputs = decoded_inputs(request)
     if request.model_name == reference.repository.average:
-        expected = reference.average(inputs)
-    else:
-        expected = reference.images_model(request.model_name, inputs["images"])
+        return reference.average(inputs)
+    return reference.images_model(request.model_name, inputs["images"])
+
+
+def check_ok_answer(request, response, reference: Reference) -> None:
+    """An accepted request must get the right numbers (or the right top-k strings)."""
+    expected = expected_probabilities(request, reference)
     for output, raw in zip(response.outputs, response.raw_output_contents):
         assert output.name == "probabilities"
         if output.datatype == "BYTES":  # classification: "score:index:label", best first

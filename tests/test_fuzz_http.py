@@ -31,7 +31,7 @@ from tests.test_fuzz import (  # noqa: F401 (fuzz_server is a fixture)
     DERANDOMIZE,
     EXAMPLES,
     Reference,
-    decoded_inputs,
+    expected_probabilities,
     fuzz_server,
     mutated_requests,
     random_requests,
@@ -96,11 +96,7 @@ def damage(draw, body: bytes, headers: dict, kind: str) -> tuple[bytes, dict]:
 
 
 def check_answer(request: pb.ModelInferRequest, answer, reference: Reference) -> None:
-    inputs = decoded_inputs(request)
-    if request.model_name == reference.repository.average:
-        expected = reference.average(inputs)
-    else:
-        expected = reference.images_model(request.model_name, inputs["images"])
+    expected = expected_probabilities(request, reference)
     for index, tensor in enumerate(answer.json()["outputs"]):
         if tensor["datatype"] != "BYTES":  # classification strings are checked by the endpoint tests
             np.testing.assert_allclose(answer.output(index), expected, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ensemble_serving.model_config import load_model_config
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from server.repository import read_model
+from server.scheduling import run_blocking
 from server.warmup import warmup_inputs
 from tests.support.metrics import metric, scrape
 from tests.support.requests import infer_request, probabilities
@@ -445,7 +446,7 @@ def test_unload_releases_the_session_batcher_and_threads(repository):
     for _ in range(3):
         controller.load(MODEL)
         model = registry.get(MODEL)
-        model.scheduler.infer({"images": np.zeros((1, 28, 28, 1), np.uint8)}, 1, None)
+        run_blocking(model.scheduler.steps({"images": np.zeros((1, 28, 28, 1), np.uint8)}, 1, None))
         onnx_model = model.scheduler._run.__self__
         references += [weakref.ref(model), weakref.ref(model.scheduler), weakref.ref(onnx_model),
                        weakref.ref(onnx_model.session)]

@@ -20,6 +20,7 @@ from ensemble_serving.tensors import serialize_bytes
 from server.request_codec import InferenceError, classify, decode_request, encode_response
 from server.repository import RepositoryError, load_order, scan_repository
 from server.runtime import DeviceError, choose_providers, cuda_available
+from server.scheduling import run_blocking
 from server.statistics import ModelStats
 
 
@@ -249,7 +250,7 @@ def test_batcher_survives_a_failing_model():
 
     batcher, stats = _batcher(run, delay_s=0)
     with pytest.raises(InferenceError) as error:
-        batcher.infer({"x": np.zeros((1, 1))}, 1, None)
+        run_blocking(batcher.steps({"x": np.zeros((1, 1))}, 1, None))
     batcher.close()
     assert error.value.code == grpc.StatusCode.INTERNAL and "boom" in error.value.message
     assert stats.fail.count == 1
