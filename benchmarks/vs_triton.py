@@ -4,6 +4,7 @@
         --model mnist-m0 --model mnist --model cifar10-m0 --model cifar10 \\
         --concurrency 1,4,16,64 --json vs_triton.json --plot vs_triton.png
     python benchmarks/vs_triton.py ... --protocols grpc,http     # both transports, in one run
+    python benchmarks/vs_triton.py ... --before-root /tmp/old    # and an older checkout, in the same run
 
 Triton (../shared/tools/triton/serve, or --triton PATH) and ours serve the same
 repository side by side, on free ports, and are measured one after the other at every
@@ -13,7 +14,9 @@ idle one uses no CPU. For every point perf_analyzer (gRPC or HTTP, one random im
 gives throughput, p50 and p99; the server's CPU seconds per request come from /proc (its whole process tree) over
 the same run, with the request count from its ModelStatistics. Then it prints each ratio
 ours / Triton, a table, and writes the JSON and the plot (req/s against concurrency).
-With both protocols it also prints HTTP / gRPC on each server.
+With both protocols it also prints HTTP / gRPC on each server. `--before-root` adds a
+third server, ours from another checkout (a worktree of an older commit), measured at
+every point beside the other two: a before/after from one run, with its own ratio to Triton.
 
 Run it on a quiet machine: nothing else (training, tests, another benchmark) beside it.
 Run on purpose, never in CI.
@@ -30,7 +33,8 @@ from pathlib import Path
 from perf_common import DEFAULT_PERF_ANALYZER, ROOT, ServerProcess, our_server_command, run_perf_analyzer
 
 DEFAULT_TRITON = ROOT.parent / "shared" / "tools" / "triton" / "serve"
-SERVERS = ("triton", "ours")
+SERVERS = ("triton", "before", "ours")
+LABELS = {"triton": "NVIDIA Triton 2.51", "before": "ensemble-serving, before", "ours": "ensemble-serving"}
 
 
 @dataclass
@@ -49,11 +53,11 @@ class Point:
 def server_command(name: str, args) -> list[str]:
     if name == "triton":
         return [str(args.triton), str(args.model_repository), "{grpc}", "{http}", "{metrics}"]
-    return our_server_command(args.model_repository, args.server_flag)
+    return our_server_command(args.model_repository, args.server_flag if name == "ours" else [])
 
 
 def start_server(name: str, args, workdir: Path) -> ServerProcess:
-    cwd = args.ours_root if name == "ours" else ROOT
+    cwd = {"ours": args.ours_root, "before": args.before_root}.get(name, ROOT)
     return ServerProcess(server_command(name, args), workdir / f"{name}.log", cwd=cwd)
 
 
@@ -95,14 +99,20 @@ def ratios(points: list[Point]) -> list[dict]:
     rows = []
     for (server, protocol, model, concurrency), ours in by_key.items():
         triton = by_key.get(("triton", protocol, model, concurrency))
+        before = by_key.get(("before", protocol, model, concurrency))
         if server != "ours" or triton is None:
             continue
+        if before is not None:
+            rows_before = {"before_rps": before.throughput, "before_ratio": before.throughput / triton.throughput,
+                           "before_p99_ms": before.p99_ms, "before_cpu_ms": before.cpu_ms_per_request}
+        else:
+            rows_before = {}
         rows.append({
             "protocol": protocol, "model": model, "concurrency": concurrency,
             "triton_rps": triton.throughput, "ours_rps": ours.throughput, "ratio": ours.throughput / triton.throughput,
             "triton_p50_ms": triton.p50_ms, "ours_p50_ms": ours.p50_ms,
             "triton_p99_ms": triton.p99_ms, "ours_p99_ms": ours.p99_ms,
-            "triton_cpu_ms": triton.cpu_ms_per_request, "ours_cpu_ms": ours.cpu_ms_per_request,
+            "triton_cpu_ms": triton.cpu_ms_per_request, "ours_cpu_ms": ours.cpu_ms_per_request, **rows_before,
         })  # fmt: skip
     return rows
 
@@ -127,6 +137,15 @@ def print_table(rows: list[dict]) -> None:
               f"| {row['ratio']:>11.2f} | {row['triton_p50_ms']:>6.2f} / {row['ours_p50_ms']:<6.2f} "
               f"| {row['triton_p99_ms']:>6.2f} / {row['ours_p99_ms']:<6.2f} "
               f"| {row['triton_cpu_ms']:>8.2f} / {row['ours_cpu_ms']:<8.2f} |")
+    if any("before_ratio" in row for row in rows):
+        print("\nBefore (--before-root), measured at the same points:")
+        print("| proto | model          |   c | before req/s | before/Triton | after/Triton | p99 before / after ms |")
+        print("|-------|----------------|-----|--------------|---------------|--------------|-----------------------|")
+        for row in rows:
+            if "before_ratio" in row:
+                print(f"| {row['protocol']:<5} | {row['model']:<14} | {row['concurrency']:>3} | {row['before_rps']:>12,.0f} "
+                      f"| {row['before_ratio']:>13.2f} | {row['ratio']:>12.2f} "
+                      f"| {row['before_p99_ms']:>9.2f} / {row['ours_p99_ms']:<9.2f} |")
 
 
 def print_http_over_grpc(rows: list[dict]) -> None:
@@ -148,10 +167,12 @@ def plot(points: list[Point], models: list[str], path: Path) -> None:
     figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.6), squeeze=False)
     for axis, model in zip(axes[0], models):
         for protocol, marker in zip(sorted({p.protocol for p in points}), ("o", "^")):
-            for server, line in zip(SERVERS, ("--", "-")):
+            for server, line in zip(SERVERS, ("--", ":", "-")):
                 mine = sorted((p for p in points if p.model == model and p.server == server and p.protocol == protocol),
                               key=lambda p: p.concurrency)  # fmt: skip
-                label = "NVIDIA Triton 2.51" if server == "triton" else "ensemble-serving"
+                if not mine:
+                    continue
+                label = LABELS[server]
                 axis.plot([p.concurrency for p in mine], [p.throughput for p in mine], marker + line,
                           label=f"{label} ({protocol})")
         axis.set_xscale("log", base=2)
@@ -159,8 +180,10 @@ def plot(points: list[Point], models: list[str], path: Path) -> None:
         axis.set_xlabel("concurrency (perf_analyzer)")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("requests / s (1 image each)")
-    axes[0][0].legend()
-    figure.tight_layout()
+    # One legend under the panels, so that it covers no point of any of them.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path, dpi=120)
     print(f"plot: {path}")
 
@@ -175,6 +198,8 @@ def main() -> None:
     parser.add_argument("--server-flag", action="append", default=[], help="extra flag for our server (repeatable)")
     parser.add_argument("--ours-root", type=Path, default=ROOT,
                         help="checkout whose server to run (e.g. a worktree of an older commit, for a before/after)")
+    parser.add_argument("--before-root", type=Path,
+                        help="also measure our server from this checkout (an older commit's worktree) at every point")
     parser.add_argument("--protocols", default="grpc", help="comma-separated: grpc, http, or both")
     parser.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
     parser.add_argument("--stability", type=int, default=20, help="perf_analyzer stability percentage")
@@ -186,6 +211,8 @@ def main() -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.protocols = args.protocols.split(",")
     servers = args.servers.split(",")
+    if args.before_root and "before" not in servers:
+        servers.insert(servers.index("ours") if "ours" in servers else len(servers), "before")
     if "triton" in servers and not args.triton.exists():
         raise SystemExit(f"no Triton serve script at {args.triton}; pass --triton PATH")
 

@@ -12,6 +12,13 @@ wait until enough arrive or the oldest request has waited max_queue_delay. While
 instance computes, new requests queue up, so under load batches form by themselves even
 with a delay of 0.
 
+With the adaptive delay (`--queue-delay adaptive`, the default) the wait also ends once
+the queue holds as many requests as the batcher has recently held at once (queued or
+computing: its recent peak, which decays by one per batch). Clients that wait for each
+answer before they send again, one of them or sixteen, cannot send more than that, so a
+longer wait would only add its delay to every request; under heavier or open-ended load
+the peak is higher and the wait is Triton's. `--queue-delay triton` keeps Triton's rule.
+
 - Full queue: the new request is refused at once with RESOURCE_EXHAUSTED.
 - A request whose deadline passes while it is queued is dropped before compute; its
   caller gets DEADLINE_EXCEEDED. A request whose call ends (client cancel) is withdrawn
@@ -46,6 +53,7 @@ class BatchingPolicy:
     max_queue_size: int
     dynamic: bool  # gather several requests into one execution
     instances: int = 1  # executions that may run at the same time
+    adaptive_delay: bool = False  # stop waiting once the recent peak of held requests is queued
 
 
 class Ticket:
@@ -123,6 +131,10 @@ class DynamicBatcher:
         self._threads: list[threading.Thread] = []
         self._gathers = policy.dynamic and policy.max_batch_size > 0
         self._batch_limit = policy.max_batch_size if self._gathers else 1
+        self._executing = 0  # requests in the batches being computed
+        # The most requests held at once lately (queued + executing); it starts high, so a
+        # new model waits as Triton does until its traffic has shown what to expect.
+        self._peak = max(policy.max_batch_size, 1)
         self.report_pending()
 
     def report_pending(self) -> None:
@@ -151,6 +163,7 @@ class DynamicBatcher:
                                      f"requests (max_queue_size {self.policy.max_queue_size}); retry later")
             self._queue.append(ticket)
             self._queued_elements += batch_size
+            self._peak = max(self._peak, len(self._queue) + self._executing)
             self._arrived.notify()
         if scope is not None:
             scope.hold(self, ticket)
@@ -200,6 +213,8 @@ class DynamicBatcher:
             if batch is None:
                 return
             self._execute(batch)
+            with self._lock:
+                self._executing -= len(batch)
 
     def _next_batch(self) -> list[Ticket] | None:
         """The next batch to execute (None: closing). Waits for requests, and for a fuller
@@ -217,10 +232,14 @@ class DynamicBatcher:
                     self._stats.record_failure(time.monotonic_ns() - ticket.arrival_ns)
                     ticket.answer(None, self._expired(ticket))
                 if batch:
+                    self._executing += len(batch)
+                    self._peak = max(self._peak - 1, len(self._queue) + self._executing)
                     return batch
 
     def _wait_for_fuller_batch(self) -> None:
         while self._queue and self._queued_elements < self.policy.max_batch_size and not self._closed:
+            if self.policy.adaptive_delay and len(self._queue) >= self._peak:
+                return  # all that recent traffic could send is here
             waited = (time.monotonic_ns() - self._queue[0].arrival_ns) / 1e9
             remaining = self.policy.max_queue_delay_s - waited
             if remaining <= 0:

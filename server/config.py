@@ -20,6 +20,7 @@ ENV_PREFIX = "ENSEMBLE_SERVER_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")  # Triton's --model-control-mode
+QUEUE_DELAY_RULES = ("adaptive", "triton")  # server/batcher.py: when a batch waits for more requests
 
 # When a config.pbtxt leaves max_queue_size at 0 ("unbounded" in Triton) we still bound
 # the queue, so that an overload answers RESOURCE_EXHAUSTED instead of growing memory.
@@ -45,6 +46,7 @@ class ServerSettings:
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None
     dynamic_batching: bool = True
+    queue_delay: str = "adaptive"
     grace_period_s: float = 30.0
     # Reliability and security (server/security.py); all off by default.
     strict: bool = False  # a model that fails to load fails the start-up
@@ -122,6 +124,12 @@ settings_options: list[Callable] = [
     _option("--max-queue-delay-us", type=click.IntRange(0),
             help="Override every model's dynamic_batching max_queue_delay_microseconds: how long "
                  "the oldest queued request may wait for a fuller batch."),
+    _option("--queue-delay", type=click.Choice(QUEUE_DELAY_RULES), show_default=True,
+            help="When a batch stops waiting (up to max_queue_delay) for more requests. adaptive: "
+                 "also as soon as the queue holds as many requests as the model has lately held at "
+                 "once (its recent peak, queued + computing), so clients that wait for each answer "
+                 "are not held back for nothing. triton: only when the batch is full or the delay "
+                 "has passed, as Triton does."),
     _option("--max-queue-size", type=click.IntRange(1),
             help=f"Override every model's queue bound (requests waiting, not yet computing); "
                  f"beyond it requests get RESOURCE_EXHAUSTED. Default: config.pbtxt's "

@@ -7,6 +7,7 @@ tests/test_server_*.py files; these pin down the rules that are easier to see al
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 
 import grpc
@@ -15,9 +16,11 @@ import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from server.batcher import BatchingPolicy, CallScope, DynamicBatcher
+from server.config import ServerSettings
 from server.metrics import ServerMetrics
 from ensemble_serving.tensors import serialize_bytes
 from server.request_codec import InferenceError, classify, decode_request, encode_response
+from server.registry import batching_policy
 from server.repository import RepositoryError, load_order, scan_repository
 from server.runtime import DeviceError, choose_providers, cuda_available
 from server.scheduling import run_blocking
@@ -154,8 +157,8 @@ def test_typed_values_out_of_range_are_refused(member_spec, tiny_repository):
 
 
 # --- the batcher -----------------------------------------------------------------------------
-def _batcher(run, *, delay_s=0.05, max_batch_size=8, queue=16, dynamic=True):
-    policy = BatchingPolicy(max_batch_size, delay_s, queue, dynamic)
+def _batcher(run, *, delay_s=0.05, max_batch_size=8, queue=16, dynamic=True, adaptive=False):
+    policy = BatchingPolicy(max_batch_size, delay_s, queue, dynamic, adaptive_delay=adaptive)
     stats = ModelStats("m", "1")
     batcher = DynamicBatcher("m", "1", run, policy, stats, ServerMetrics().for_model("m", "1"))
     batcher.start()
@@ -200,6 +203,74 @@ def test_batcher_respects_max_batch_size_and_disabled_batching():
             assert max(sizes) <= 4 and sum(sizes) == 10 and len(sizes) < 10
             sizes.clear()
     assert sizes == [1] * 10
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "triton"])
+def test_a_lone_request_waits_the_delay_only_under_triton_s_rule(adaptive):
+    batcher, stats = _batcher(lambda inputs: {"y": inputs["x"]}, delay_s=0.05, adaptive=adaptive)
+    for _ in range(9):  # one request at a time: the held peak decays from max_batch_size to 1
+        batcher.result(batcher.submit({"x": np.zeros((1, 1))}, 1, None))
+    before_ns, before_count = stats.queue.ns, stats.queue.count
+    batcher.result(batcher.submit({"x": np.zeros((1, 1))}, 1, None))
+    queued_s = (stats.queue.ns - before_ns) / (stats.queue.count - before_count) / 1e9
+    batcher.close()
+    if adaptive:
+        assert queued_s < 0.025  # sent on at once: nothing else could come
+    else:
+        assert queued_s >= 0.05  # held for the full delay
+
+
+@pytest.mark.parametrize("rule, adaptive", [("adaptive", True), ("triton", False)])
+def test_queue_delay_flag_reaches_the_batching_policy(member_spec, rule, adaptive):
+    policy = batching_policy(member_spec, ServerSettings(model_repository=member_spec.directory.parent,
+                                                         queue_delay=rule))
+    assert policy.adaptive_delay is adaptive
+    assert policy.max_queue_delay_s == member_spec.config.dynamic_batching.max_queue_delay_microseconds / 1e6
+
+
+def test_adaptive_delay_sends_a_closed_loop_s_batch_once_every_client_is_in():
+    sizes = []
+
+    def run(inputs):
+        sizes.append(inputs["x"].shape[0])
+        return {"y": inputs["x"]}
+
+    batcher, _ = _batcher(run, delay_s=0.2, adaptive=True)  # Triton's rule: 0.2 s a batch
+    barrier = threading.Barrier(4)
+    round_seconds = []
+
+    def client():  # four clients, each waits for its answer before sending again
+        for _ in range(12):
+            barrier.wait()
+            started = time.monotonic()
+            batcher.result(batcher.submit({"x": np.zeros((1, 1))}, 1, None))
+            round_seconds.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batcher.close()
+    assert sum(sizes) == 48
+    assert sizes[-4:] == [4, 4, 4, 4]  # the peak (4) learned: one batch per round
+    assert max(round_seconds[-16:]) < 0.1  # no round waited the 0.2 s delay
+
+
+def test_adaptive_delay_still_gathers_a_burst_after_lone_requests():
+    calls = []
+
+    def run(inputs):
+        calls.append(inputs["x"].shape[0])
+        return {"y": inputs["x"]}
+
+    batcher, _ = _batcher(run, delay_s=0.02, adaptive=True)
+    for _ in range(12):  # lone requests first: the peak decays to 1
+        batcher.result(batcher.submit({"x": np.zeros((1, 1))}, 1, None))
+    del calls[:]
+    _infer_concurrently(batcher, [{"x": np.zeros((1, 1))} for _ in range(8)])  # then a burst
+    batcher.close()
+    assert sum(calls) == 8 and len(calls) <= 2  # at most the first goes alone
 
 
 def test_batcher_bounded_queue_and_expired_deadline():
