@@ -103,16 +103,16 @@ def ratios(points: list[Point]) -> list[dict]:
         if server != "ours" or triton is None:
             continue
         if before is not None:
-            rows_before = {"before_rps": before.throughput, "before_ratio": before.throughput / triton.throughput,
+            before_fields = {"before_rps": before.throughput, "before_ratio": before.throughput / triton.throughput,
                            "before_p99_ms": before.p99_ms, "before_cpu_ms": before.cpu_ms_per_request}
         else:
-            rows_before = {}
+            before_fields = {}
         rows.append({
             "protocol": protocol, "model": model, "concurrency": concurrency,
             "triton_rps": triton.throughput, "ours_rps": ours.throughput, "ratio": ours.throughput / triton.throughput,
             "triton_p50_ms": triton.p50_ms, "ours_p50_ms": ours.p50_ms,
             "triton_p99_ms": triton.p99_ms, "ours_p99_ms": ours.p99_ms,
-            "triton_cpu_ms": triton.cpu_ms_per_request, "ours_cpu_ms": ours.cpu_ms_per_request, **rows_before,
+            "triton_cpu_ms": triton.cpu_ms_per_request, "ours_cpu_ms": ours.cpu_ms_per_request, **before_fields,
         })  # fmt: skip
     return rows
 

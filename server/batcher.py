@@ -213,8 +213,6 @@ class DynamicBatcher:
             if batch is None:
                 return
             self._execute(batch)
-            with self._lock:
-                self._executing -= len(batch)
 
     def _next_batch(self) -> list[Ticket] | None:
         """The next batch to execute (None: closing). Waits for requests, and for a fuller
@@ -276,11 +274,13 @@ class DynamicBatcher:
         except Exception as error:  # a failed execution must fail its requests, never the server
             log.exception("model %s version %s: execution failed", self.name, self.version)
             failure = InferenceError(grpc.StatusCode.INTERNAL, f"model {self.name!r} failed to execute: {error}")
+            self._computed(batch)
             finished_ns = time.monotonic_ns()
             self._stats.record_failures([finished_ns - ticket.arrival_ns for ticket in batch])
             for ticket in batch:
                 ticket.answer(None, failure)
             return
+        self._computed(batch)
         finished_ns = time.monotonic_ns()
         for ticket, ticket_outputs in zip(batch, outputs):
             ticket.answer(ticket_outputs)
@@ -288,6 +288,12 @@ class DynamicBatcher:
         elements = sum(ticket.batch_size for ticket in batch)
         self._stats.record_batch(elements, timings, queued_ns, [finished_ns - ticket.arrival_ns for ticket in batch])
         self._metrics.record_batch(elements, sum(timings) / 1e9, queued_ns)
+
+    def _computed(self, batch: list[Ticket]) -> None:
+        """The batch stops counting as held before its answers go out: an answered client
+        may send again at once, and must not be counted twice in the peak."""
+        with self._lock:
+            self._executing -= len(batch)
 
     def _compute(self, batch: list[Ticket]) -> tuple[list[Tensors], tuple[int, int, int]]:
         """Form the batch, run the model, split the results."""

@@ -292,8 +292,8 @@ def build_version(spec: ModelSpec, version: str, registry: ModelRegistry, settin
     scheduler.start()
     model_metrics.record_load(seconds, onnx_model.provider, onnx_model.requested_providers[0])
     log.info("loaded %s version %s on %s in %.2f s (max_batch_size %d, dynamic batching %s, "
-             "max queue delay %.0f us %s, queue bound %d, instances %d)", spec.name, version, onnx_model.provider,
+             "max queue delay %.0f us (%s rule), queue bound %d, instances %d)", spec.name, version, onnx_model.provider,
              seconds, policy.max_batch_size, "on" if policy.dynamic else "off", policy.max_queue_delay_s * 1e6,
-             "adaptive" if policy.adaptive_delay else "always", policy.max_queue_size, policy.instances)
+             "adaptive" if policy.adaptive_delay else "triton", policy.max_queue_size, policy.instances)
     return LoadedModel(spec, version, scheduler, stats, model_metrics, onnx_model.provider,
                        effective_config(spec, onnx_model.provider, policy), fingerprint)
