@@ -5,6 +5,8 @@
         --concurrency 1,4,16,64 --json vs_triton.json --plot vs_triton.png
     python benchmarks/vs_triton.py ... --protocols grpc,http     # both transports, in one run
     python benchmarks/vs_triton.py ... --before-root /tmp/old    # and an older checkout, in the same run
+    python benchmarks/vs_triton.py ... --server-flag=--workers=2 --before-flag=--workers=1 \
+        --before-label "ensemble-serving, 1 process" --ours-label "ensemble-serving, --workers 2"
 
 Triton (../shared/tools/triton/serve, or --triton PATH) and ours serve the same
 repository side by side, on free ports, and are measured one after the other at every
@@ -53,11 +55,11 @@ class Point:
 def server_command(name: str, args) -> list[str]:
     if name == "triton":
         return [str(args.triton), str(args.model_repository), "{grpc}", "{http}", "{metrics}"]
-    return our_server_command(args.model_repository, args.server_flag if name == "ours" else [])
+    return our_server_command(args.model_repository, args.server_flag if name == "ours" else args.before_flag)
 
 
 def start_server(name: str, args, workdir: Path) -> ServerProcess:
-    cwd = {"ours": args.ours_root, "before": args.before_root}.get(name, ROOT)
+    cwd = {"ours": args.ours_root, "before": args.before_root or ROOT}.get(name, ROOT)
     return ServerProcess(server_command(name, args), workdir / f"{name}.log", cwd=cwd)
 
 
@@ -138,7 +140,7 @@ def print_table(rows: list[dict]) -> None:
               f"| {row['triton_p99_ms']:>6.2f} / {row['ours_p99_ms']:<6.2f} "
               f"| {row['triton_cpu_ms']:>8.2f} / {row['ours_cpu_ms']:<8.2f} |")
     if any("before_ratio" in row for row in rows):
-        print("\nBefore (--before-root), measured at the same points:")
+        print("\nThe 'before' server (--before-root / --before-flag), measured at the same points:")
         print("| proto | model          |   c | before req/s | before/Triton | after/Triton | p99 before / after ms |")
         print("|-------|----------------|-----|--------------|---------------|--------------|-----------------------|")
         for row in rows:
@@ -158,7 +160,7 @@ def print_http_over_grpc(rows: list[dict]) -> None:
               f"| {row['grpc_rps']:>10,.0f} | {row['ratio']:>9.2f} |")
 
 
-def plot(points: list[Point], models: list[str], path: Path) -> None:
+def plot(points: list[Point], models: list[str], path: Path, labels: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,7 +174,7 @@ def plot(points: list[Point], models: list[str], path: Path) -> None:
                               key=lambda p: p.concurrency)  # fmt: skip
                 if not mine:
                     continue
-                label = LABELS[server]
+                label = labels[server]
                 axis.plot([p.concurrency for p in mine], [p.throughput for p in mine], marker + line,
                           label=f"{label} ({protocol})")
         axis.set_xscale("log", base=2)
@@ -200,6 +202,11 @@ def main() -> None:
                         help="checkout whose server to run (e.g. a worktree of an older commit, for a before/after)")
     parser.add_argument("--before-root", type=Path,
                         help="also measure our server from this checkout (an older commit's worktree) at every point")
+    parser.add_argument("--before-flag", action="append", default=[],
+                        help="extra flag for the 'before' server (repeatable); without --before-root it runs "
+                             "this checkout: e.g. ours with --workers 2 against ours with one process")
+    parser.add_argument("--before-label", default=LABELS["before"], help="the 'before' server's name in the plot")
+    parser.add_argument("--ours-label", default=LABELS["ours"], help="our server's name in the plot")
     parser.add_argument("--protocols", default="grpc", help="comma-separated: grpc, http, or both")
     parser.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
     parser.add_argument("--stability", type=int, default=20, help="perf_analyzer stability percentage")
@@ -211,7 +218,7 @@ def main() -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.protocols = args.protocols.split(",")
     servers = args.servers.split(",")
-    if args.before_root and "before" not in servers:
+    if (args.before_root or args.before_flag) and "before" not in servers:
         servers.insert(servers.index("ours") if "ours" in servers else len(servers), "before")
     if "triton" in servers and not args.triton.exists():
         raise SystemExit(f"no Triton serve script at {args.triton}; pass --triton PATH")
@@ -225,7 +232,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"points": [asdict(p) for p in points], "ratios": rows,
                                          "http_over_grpc": transports}, indent=2))
     if args.plot:
-        plot(points, args.model, args.plot)
+        plot(points, args.model, args.plot, {**LABELS, "before": args.before_label, "ours": args.ours_label})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ Read top to bottom, a request meets these modules:
   statistics.py  Triton ModelStatistics counters
   metrics.py     Prometheus metrics on the metrics port
   health.py      grpc.health.v1 and server reflection
+  workers.py     --workers N: a supervisor and N worker processes sharing the ports
+  siblings.py    --workers N: each worker's ModelStatistics summed with its siblings'
 
 The server never imports torch.
 """

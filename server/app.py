@@ -57,6 +57,8 @@ from server.security import (
 )
 from server.service import InferenceService, ServerState
 from server.servicer import InferenceServicer
+from server.siblings import SiblingStatistics
+from server.workers import WorkerRole
 
 log = logging.getLogger("server")
 
@@ -72,12 +74,13 @@ class StartupError(Exception):
     """The server cannot start; the message says why."""
 
 
-def _grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
+def _grpc_options(settings: ServerSettings, role: WorkerRole | None) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", settings.max_message_size),
         ("grpc.max_receive_message_length", settings.max_message_size),
-        # Fail on a port already in use instead of silently sharing it with another process.
-        ("grpc.so_reuseport", 0),
+        # A single server fails on a port already in use instead of silently sharing it with
+        # another process; workers share theirs (the supervisor checked it was free).
+        ("grpc.so_reuseport", int(role is not None)),
     ]
 
 
@@ -102,12 +105,13 @@ class Security:
 
     grpc_credentials: grpc.ServerCredentials | None  # None: plaintext
     tokens: TokenCheck | None  # None: no authentication
+    sibling_secret: str | None = None  # --workers: the calls between workers carry it instead of a token
 
     def grpc_interceptors(self) -> list:
-        return [] if self.tokens is None else [BearerTokenInterceptor(self.tokens)]
+        return [] if self.tokens is None else [BearerTokenInterceptor(self.tokens, self.sibling_secret)]
 
 
-def _security(settings: ServerSettings, metrics: ServerMetrics) -> Security:
+def _security(settings: ServerSettings, metrics: ServerMetrics, role: WorkerRole | None) -> Security:
     """TLS credentials and token checking from the settings."""
     if settings.tls_client_ca and not settings.tls_cert:
         raise SecurityConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
@@ -124,16 +128,18 @@ def _security(settings: ServerSettings, metrics: ServerMetrics) -> Security:
              "plaintext" if credentials is None else
              "TLS with client certificates required (mutual TLS)" if settings.tls_client_ca else "TLS",
              f"bearer tokens required ({len(tokens)} accepted; health checks open)" if tokens else "no authentication")
-    return Security(credentials, check)
+    return Security(credentials, check, role.secret if role is not None else None)
 
 
-async def serve(settings: ServerSettings) -> None:
+async def serve(settings: ServerSettings, role: WorkerRole | None = None) -> None:
+    """Run one server (or, with `role`, one worker of `--workers N`) until a signal stops it."""
     repository, specs, failures = _plan(settings)
     names = [spec.name for spec in specs]
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(multiprocess=role is not None)
     state = ServerState()
     state.controller = ModelController(settings, repository, state.registry, metrics)
-    ports = _open_ports(settings, InferenceService(state, metrics))
+    siblings = SiblingStatistics(role) if role is not None else None
+    ports = _open_ports(settings, InferenceService(state, metrics, siblings), role)
     state.controller.on_model_change = ports.health.model_changed
     try:
         await ports.start(names)
@@ -161,6 +167,11 @@ async def serve(settings: ServerSettings) -> None:
         await asyncio.to_thread(state.registry.close)
         metrics.shutdown()
     log.info("stopped")
+
+
+def check_startup(settings: ServerSettings) -> None:
+    """The checks `serve` makes before any port opens; StartupError for a problem."""
+    _plan(settings)
 
 
 def _plan(settings: ServerSettings) -> tuple[Repository, list[ModelSpec], dict[str, str]]:
@@ -230,24 +241,26 @@ class Ports:
         await asyncio.to_thread(lambda: self.grpc.stop(FINAL_STOP_GRACE_S).wait())
 
 
-def _open_ports(settings: ServerSettings, service: InferenceService) -> Ports:
-    """Serve /metrics and bind gRPC and HTTP (not serving yet); a bad TLS or token setting,
-    or a port in use, is a StartupError."""
+def _open_ports(settings: ServerSettings, service: InferenceService, role: WorkerRole | None) -> Ports:
+    """Serve /metrics (a worker's supervisor does) and bind gRPC and HTTP (not serving yet);
+    a bad TLS or token setting, or a port in use, is a StartupError."""
     metrics = service.metrics
     try:
-        security = _security(settings, metrics)
+        security = _security(settings, metrics, role)
     except SecurityConfigError as error:
         raise StartupError(str(error)) from None
     try:
-        metrics.serve(settings.metrics_address, settings.metrics_port)
+        if role is None:
+            metrics.serve(settings.metrics_address, settings.metrics_port)
     except OSError as error:
         address = f"{settings.metrics_address}:{settings.metrics_port}"
         raise StartupError(f"cannot serve metrics on {address}: {error}") from None
     try:
-        server, health = _grpc_server(settings, service, security)
+        server, health = _grpc_server(settings, service, security, role)
         http = None
         if settings.http_port:
-            http = HttpEndpoint(HttpApp(service, security.tokens, settings.max_message_size), settings)
+            app = HttpApp(service, security.tokens, settings.max_message_size)
+            http = HttpEndpoint(app, settings, shared_port=role is not None)
     except StartupError:
         metrics.shutdown()
         raise
@@ -257,8 +270,8 @@ def _open_ports(settings: ServerSettings, service: InferenceService) -> Ports:
     return Ports(server, health, http, settings)
 
 
-def _grpc_server(settings: ServerSettings, service: InferenceService,
-                 security: Security) -> tuple[grpc.Server, HealthReporter]:  # fmt: skip
+def _grpc_server(settings: ServerSettings, service: InferenceService, security: Security,
+                 role: WorkerRole | None) -> tuple[grpc.Server, HealthReporter]:  # fmt: skip
     # grpcio's thread-pool server, not grpc.aio. grpc.aio costs less CPU per call (bare, at
     # concurrency 16 here: 6,300 req/s against 3,800), but through grpcio 1.85 every grpc.aio
     # call that ends by its deadline or a client's cancel leaks native memory
@@ -266,7 +279,7 @@ def _grpc_server(settings: ServerSettings, service: InferenceService,
     # answers DEADLINE_EXCEEDED before the deadline; the 5-minute soak grew 15 %. The
     # servicer runs on the worker threads and waits there for its batch: no event loop.
     server = grpc.server(ThreadPoolExecutor(max_workers=GRPC_WORKER_THREADS, thread_name_prefix="grpc"),
-                         options=_grpc_options(settings), interceptors=security.grpc_interceptors(),
+                         options=_grpc_options(settings, role), interceptors=security.grpc_interceptors(),
                          maximum_concurrent_rpcs=settings.max_concurrent_rpcs)  # fmt: skip
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
     health = HealthReporter(server)
@@ -278,6 +291,8 @@ def _grpc_server(settings: ServerSettings, service: InferenceService,
             server.add_secure_port(settings.grpc_address, security.grpc_credentials)
     except RuntimeError as error:
         raise StartupError(f"cannot listen for gRPC on {settings.grpc_address}: {error}") from None
+    if role is not None:  # where the sibling workers ask for this one's statistics
+        server.add_insecure_port(f"unix:{role.own_socket}")
     return server, health
 
 

@@ -141,7 +141,7 @@ class DynamicBatcher:
         """Bind the pending-requests gauge to this batcher's queue. The callback holds the
         queue, not the batcher: an unloaded batcher is not kept alive by the gauge."""
         queue = self._queue
-        self._metrics.pending.set_function(lambda: len(queue))
+        self._metrics.report_pending(lambda: len(queue))
 
     def start(self) -> None:
         for instance in range(self.policy.instances):

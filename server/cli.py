@@ -10,6 +10,7 @@ import click
 
 from server.app import StartupError, serve
 from server.config import ServerSettings, apply_settings_options
+from server.workers import supervise
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -30,20 +31,23 @@ def main(**options) -> None:
 
     Ready (ServerReady, grpc.health.v1 SERVING) once every model has loaded. On SIGTERM
     or SIGINT it turns not-ready, finishes the requests in flight within --grace-period,
-    and exits 0. Start-up problems print one line and exit 2.
+    and exits 0. Start-up problems print one line and exit 2. With --workers N, N such
+    server processes share the ports (one supervisor, one /metrics).
     """
     settings = ServerSettings(**options)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        sys.exit(supervise(settings))
     try:
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(settings))
     except StartupError as error:
         click.echo(f"server: error: {error}", err=True)
         sys.exit(2)
 
 
-def _event_loop_factory():
+def event_loop_factory():
     """uvloop where it installs (the HTTP endpoint's event loop: measurably faster), else asyncio's."""
     try:
         import uvloop

@@ -48,6 +48,7 @@ class ServerSettings:
     dynamic_batching: bool = True
     queue_delay: str = "adaptive"
     grace_period_s: float = 30.0
+    workers: int = 1  # server processes sharing the ports (server/workers.py)
     # Reliability and security (server/security.py); all off by default.
     strict: bool = False  # a model that fails to load fails the start-up
     metrics_host: str | None = None  # None: the same as `host`
@@ -139,6 +140,12 @@ settings_options: list[Callable] = [
                  "has dynamic_batching). Off: every request runs alone."),
     _option("--grace-period", "grace_period_s", type=click.FloatRange(0), show_default=True,
             help="Seconds to finish in-flight requests after SIGTERM/SIGINT before exiting."),
+    _option("--workers", type=click.IntRange(1), show_default=True,
+            help="Server processes sharing the gRPC and HTTP ports (SO_REUSEPORT: the kernel spreads "
+                 "connections among them), each with its own onnxruntime sessions and batchers: for "
+                 "machines with more cores than one Python process can keep busy. /metrics, "
+                 "ModelStatistics and the SIGTERM drain cover every worker. Not with "
+                 "--model-control-mode explicit (a load call would reach one worker only)."),
     # -- reliability and security (server/security.py) --
     _option("--strict/--no-strict", "strict", show_default=True,
             help="A model that fails to load (corrupt ONNX, bad config.pbtxt, missing version folder) "

@@ -263,7 +263,10 @@ class HttpApp:
         return json_response(self.service.model_config(request.params["name"], request.params["version"]).config)
 
     async def model_statistics(self, request: Request) -> Response:
-        return json_response(self.service.model_statistics(request.params["name"], request.params["version"]))
+        # With --workers this asks the sibling workers too: off the event loop.
+        statistics = await asyncio.to_thread(self.service.model_statistics, request.params["name"],
+                                             request.params["version"])
+        return json_response(statistics)
 
     async def repository_index(self, request: Request) -> Response:
         options = await _json_options(request)

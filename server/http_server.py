@@ -37,8 +37,9 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class HttpEndpoint:
-    def __init__(self, app: HttpApp, settings: ServerSettings):
-        self._socket = _bind(settings.host, settings.http_port)
+    def __init__(self, app: HttpApp, settings: ServerSettings, shared_port: bool = False):
+        """`shared_port`: one of --workers' processes, listening with SO_REUSEPORT beside its siblings."""
+        self._socket = _bind(settings.host, settings.http_port, shared_port)
         config = uvicorn.Config(
             app, http="httptools", loop="none", lifespan="off", log_config=None, access_log=False,
             timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=settings.max_concurrent_rpcs,
@@ -69,12 +70,14 @@ class HttpEndpoint:
         await self._task
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, shared: bool) -> socket.socket:
     """A listening socket on host:port; OSError (port in use, bad address) for the caller."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart without TIME_WAIT trouble
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(1024)
     except OSError:

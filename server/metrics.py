@@ -26,6 +26,13 @@ histograms) and carry `model` and `version` labels:
   ensemble_server_unauthenticated_requests_total{reason}  calls refused for a missing or invalid
                                                      bearer token (--auth-tokens-file)
 
+With `--workers N` (server/workers.py) every worker writes its values to files
+(prometheus_client's multiprocess mode) and the supervisor serves their sum: counters and
+histograms add up, the pending gauge too, and the others take the live workers' maximum
+(ready: their minimum). The pending gauge is then sampled once a second, and an unloaded
+version's counters stay until the restart (only its gauges drop to 0): multiprocess mode
+cannot remove series.
+
 Each model version gets a `ModelMetrics` holding its pre-labelled children, so the
 hot path does no label lookups. When a version is unloaded its series are removed
 (`ModelMetrics.remove`): a scrape shows only versions that serve. Requests naming an unknown model are counted under
@@ -35,6 +42,9 @@ model="" (the name a client sent is not used as a label: it is unbounded).
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
@@ -46,6 +56,7 @@ OUTCOMES = ("success", "invalid_argument", "not_found", "unavailable", "resource
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 PROTOCOLS = ("grpc", "http")
+PENDING_SAMPLE_S = 1.0  # --workers: how often a worker writes its queues' lengths
 
 
 class ModelMetrics:
@@ -66,6 +77,10 @@ class ModelMetrics:
         self._provider = metrics.provider
         self._labels = labels
         self._server = metrics
+
+    def report_pending(self, count: Callable[[], int]) -> None:
+        """The pending gauge reads `count()` (at scrape time; with --workers, once a second)."""
+        self._server.watch_pending(self.pending, count)
 
     def count_request(self, protocol: str, outcome: str, seconds: float) -> None:
         self._requests[protocol, outcome].inc()
@@ -88,6 +103,13 @@ class ModelMetrics:
         gauges would go on claiming a loaded model, an execution provider and a queue,
         and the pending gauge's callback would keep the unloaded batcher alive."""
         server = self._server
+        server.watch_pending(self.pending, None)
+        if server.multiprocess:  # no removal there: the gauges at least stop claiming the version
+            for gauge in (self.pending, self._load_duration):
+                gauge.set(0)
+            for values in _children_of_version(server.provider, self._labels["model"], self._labels["version"]):
+                server.provider.labels(*values).set(0)
+            return
         for family in (server.requests, server.request_duration, server.queue_duration, server.compute_duration,
                        server.batch_size, server.executions, server.pending, server.load_duration,
                        server.provider):  # fmt: skip
@@ -96,19 +118,29 @@ class ModelMetrics:
 
 def _remove_version(family, model: str, version: str) -> None:
     """Remove every child of `family` labelled with this model and version, whatever its
-    other labels (outcome, provider, ...). prometheus_client lists children only through
-    its private `_labelnames` / `_metrics`."""
+    other labels (outcome, provider, ...)."""
+    for values in _children_of_version(family, model, version):
+        family.remove(*values)
+
+
+def _children_of_version(family, model: str, version: str) -> list[tuple[str, ...]]:
+    """The label values of `family`'s children for this model version. prometheus_client
+    lists children only through its private `_labelnames` / `_metrics`."""
     names = family._labelnames
     with family._lock:
         children = list(family._metrics)
+    found = []
     for values in children:
         labels = dict(zip(names, values))
         if labels.get("model") == model and labels.get("version") == version:
-            family.remove(*values)
+            found.append(values)
+    return found
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        """`multiprocess`: one of --workers' processes (PROMETHEUS_MULTIPROC_DIR is set)."""
+        self.multiprocess = multiprocess
         disable_created_metrics()  # no `_created` series: they double the output and nobody graphs them
         self.registry = CollectorRegistry()
         labels = ("model", "version")
@@ -128,14 +160,15 @@ class ServerMetrics:
                                     labels, buckets=BATCH_BUCKETS, **kwargs)
         self.executions = Counter(f"{PREFIX}_executions", "Model executions (onnxruntime calls).", labels, **kwargs)
         self.pending = Gauge(f"{PREFIX}_pending_requests", "Requests queued and not yet executing.",
-                             labels, **kwargs)
+                             labels, multiprocess_mode="livesum", **kwargs)
         self.load_duration = Gauge(f"{PREFIX}_model_load_duration_seconds",
-                                   "Time to create the model's session and warm it up.", labels, **kwargs)
+                                   "Time to create the model's session and warm it up.", labels,
+                                   multiprocess_mode="livemax", **kwargs)
         self.provider = Gauge(f"{PREFIX}_model_execution_provider_info",
                               "1 for the onnxruntime execution provider the model actually runs on.",
-                              (*labels, "provider", "requested"), **kwargs)
+                              (*labels, "provider", "requested"), multiprocess_mode="livemax", **kwargs)
         self.ready = Gauge(f"{PREFIX}_ready", "1 when all models are loaded and the server is not draining.",
-                           **kwargs)
+                           multiprocess_mode="livemin", **kwargs)
         self.load_failures = Counter(f"{PREFIX}_model_load_failures",
                                      "Models that failed to load (the reason is in the log and RepositoryIndex).",
                                      ("model",), **kwargs)
@@ -145,7 +178,7 @@ class ServerMetrics:
         self.model_unloads = Counter(f"{PREFIX}_model_unloads", "Model unloads by outcome (success, failure).",
                                      ("model", "outcome"), **kwargs)
         self.loaded_versions = Gauge(f"{PREFIX}_model_loaded_versions", "Versions of the model being served.",
-                                     ("model",), **kwargs)
+                                     ("model",), multiprocess_mode="livemax", **kwargs)
         self.unauthenticated = Counter(f"{PREFIX}_unauthenticated_requests",
                                        "Calls refused with UNAUTHENTICATED: bearer token missing or invalid.",
                                        ("reason",), **kwargs)
@@ -155,6 +188,29 @@ class ServerMetrics:
             for outcome in ("not_found", "unavailable"):
                 self.requests.labels(model="", version="", protocol=protocol, outcome=outcome)
         self._http_server = None
+        self._pending_counts: dict[Gauge, Callable[[], int]] = {}  # multiprocess: sampled by a thread
+        self._sampler: threading.Thread | None = None
+
+    def watch_pending(self, gauge: Gauge, count: Callable[[], int] | None) -> None:
+        """Let `gauge` show `count()` (None: stop). In one process the gauge calls it at
+        scrape time; a worker's gauge lives in a file that a thread refreshes every second."""
+        if not self.multiprocess:
+            if count is not None:
+                gauge.set_function(count)
+            return
+        if count is None:
+            self._pending_counts.pop(gauge, None)
+            return
+        self._pending_counts[gauge] = count
+        if self._sampler is None:
+            self._sampler = threading.Thread(target=self._sample_pending, name="pending-sampler", daemon=True)
+            self._sampler.start()
+
+    def _sample_pending(self) -> None:
+        while True:
+            for gauge, count in list(self._pending_counts.items()):
+                gauge.set(count())
+            time.sleep(PENDING_SAMPLE_S)
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)

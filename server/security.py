@@ -134,6 +134,22 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
+# `--workers`: a call from a sibling worker (its statistics request) carries this key with
+# the secret their supervisor gave them, in place of a client's token.
+SIBLING_METADATA_KEY = "x-ensemble-sibling"
+
+
+def from_sibling(metadata: Iterable[tuple[str, str | bytes]] | None, secret: str | None) -> bool:
+    """Whether the call carries the sibling workers' secret."""
+    if secret is None:
+        return False
+    for key, value in metadata or ():
+        if key == SIBLING_METADATA_KEY:
+            value = value.decode("ascii", errors="replace") if isinstance(value, bytes) else value
+            return hmac.compare_digest(value.encode(), secret.encode())
+    return False
+
+
 class TokenCheck:
     """Which bearer tokens are accepted; shared by the gRPC interceptor and the HTTP endpoint."""
 
@@ -164,14 +180,18 @@ class TokenCheck:
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Reject calls without a valid bearer token with UNAUTHENTICATED (health stays open)."""
 
-    def __init__(self, check: TokenCheck, open_method_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES):
+    def __init__(self, check: TokenCheck, sibling_secret: str | None = None,
+                 open_method_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES):  # fmt: skip
         self._check = check
+        self._sibling_secret = sibling_secret
         self._open_method_prefixes = open_method_prefixes
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(self._open_method_prefixes):
+            return handler
+        if from_sibling(handler_call_details.invocation_metadata, self._sibling_secret):
             return handler
         reason = self._check.rejection(bearer_token(handler_call_details.invocation_metadata),
                                        "metadata 'authorization: Bearer <token>'")

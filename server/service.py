@@ -25,6 +25,8 @@ from server.model_control import ModelController
 from server.registry import LoadedModel, ModelRegistry
 from server.request_codec import DecodedRequest, InferenceError, decode_request, encode_response
 from server.scheduling import run_async, run_blocking
+from server.siblings import SiblingStatistics
+from server.statistics import merge_statistics
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +91,10 @@ class _Call:
 
 
 class InferenceService:
-    def __init__(self, state: ServerState, metrics: ServerMetrics):
+    def __init__(self, state: ServerState, metrics: ServerMetrics, siblings: SiblingStatistics | None = None):
         self.state = state
         self.metrics = metrics
+        self.siblings = siblings  # --workers: the other workers' statistics
         self.version = _server_version()
 
     # -- server and models -----------------------------------------------------------------
@@ -110,7 +113,9 @@ class InferenceService:
     def model_config(self, name: str, version: str) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self.state.registry.get(name, version).config)
 
-    def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+    def model_statistics(self, name: str, version: str, own_only: bool = False) -> pb.ModelStatisticsResponse:
+        """The statistics of the whole server: with --workers, this worker's and (unless
+        `own_only`, a sibling asking) its siblings' summed."""
         registry = self.state.registry
         if not name:
             models = list(registry)
@@ -119,7 +124,10 @@ class InferenceService:
         else:
             registry.get(name)  # NOT_FOUND for an unknown name
             models = list(registry.versions(name).values())
-        return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
+        stats = [model.stats.to_proto() for model in models]
+        if self.siblings is not None and not own_only:
+            stats = merge_statistics(stats + self.siblings.collect(name, version))
+        return pb.ModelStatisticsResponse(model_stats=stats)
 
     # -- model repository (server/model_control.py does the work) -----------------------
     def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:

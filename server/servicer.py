@@ -61,7 +61,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelStatistics(self, request, context):
         log.debug("ModelStatistics name=%r version=%r", request.name, request.version)
-        return _answer(context, self.service.model_statistics, request.name, request.version)
+        siblings = self.service.siblings
+        own_only = siblings is not None and siblings.asked_by_sibling(context.invocation_metadata())
+        return _answer(context, self.service.model_statistics, request.name, request.version, own_only)
 
     # -- model repository (server/model_control.py does the work) ----------------------
     def RepositoryIndex(self, request, context):

@@ -111,3 +111,37 @@ class ModelStats:
                 for size, stats in sorted(self.batches.items())
             ],
         )
+
+
+_INFER_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+_BATCH_DURATIONS = ("compute_input", "compute_infer", "compute_output")
+
+
+def merge_statistics(stats: list[pb.ModelStatistics]) -> list[pb.ModelStatistics]:
+    """The statistics of several worker processes as one server's: per model version,
+    counts and times summed, batch_stats summed per batch size, the latest last_inference.
+    Versions keep the order of their first appearance."""
+    merged: dict[tuple[str, str], pb.ModelStatistics] = {}
+    for part in stats:
+        total = merged.get((part.name, part.version))
+        if total is None:
+            merged[part.name, part.version] = total = pb.ModelStatistics(name=part.name, version=part.version)
+        total.last_inference = max(total.last_inference, part.last_inference)
+        total.inference_count += part.inference_count
+        total.execution_count += part.execution_count
+        _add_durations(total.inference_stats, part.inference_stats, _INFER_DURATIONS)
+        batches = {batch.batch_size: batch for batch in total.batch_stats}
+        for batch in part.batch_stats:
+            if batch.batch_size not in batches:
+                batches[batch.batch_size] = total.batch_stats.add(batch_size=batch.batch_size)
+            _add_durations(batches[batch.batch_size], batch, _BATCH_DURATIONS)
+    for total in merged.values():
+        total.batch_stats.sort(key=lambda batch: batch.batch_size)
+    return list(merged.values())
+
+
+def _add_durations(total, part, names: tuple[str, ...]) -> None:
+    for name in names:
+        into, add = getattr(total, name), getattr(part, name)
+        into.count += add.count
+        into.ns += add.ns

@@ -1,0 +1,58 @@
+"""`--workers N`: one worker's ModelStatistics include its siblings' counters.
+
+A statistics request reaches one worker (whichever holds the client's connection). That
+worker asks each sibling over the sibling's private Unix socket (in the supervisor's 0700
+runtime directory) for its own counters only, marked with the workers' shared secret,
+and adds them up (server/statistics.py: merge_statistics). A sibling without the model
+(still loading it) adds nothing; a sibling that does not answer fails the request with
+UNAVAILABLE rather than let it report part of the server as the whole.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+
+from ensemble_serving.protocol import grpc_service_pb2 as pb
+from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.request_codec import InferenceError
+from server.security import SIBLING_METADATA_KEY, from_sibling
+from server.workers import WorkerRole
+
+SIBLING_TIMEOUT_S = 5.0
+
+
+class SiblingStatistics:
+    def __init__(self, role: WorkerRole):
+        self._role = role
+        self._stubs: dict[int, pb_grpc.GRPCInferenceServiceStub] = {}
+        self._lock = threading.Lock()
+
+    def asked_by_sibling(self, metadata) -> bool:
+        """Whether a statistics call comes from a sibling (answer with this worker's own counters)."""
+        return from_sibling(metadata, self._role.secret)
+
+    def collect(self, name: str, version: str) -> list[pb.ModelStatistics]:
+        """Every sibling's own statistics for (name, version) as ModelStatistics asks them."""
+        request = pb.ModelStatisticsRequest(name=name, version=version)
+        metadata = ((SIBLING_METADATA_KEY, self._role.secret),)
+        collected: list[pb.ModelStatistics] = []
+        for index, stub in self._sibling_stubs().items():
+            try:
+                response = stub.ModelStatistics(request, metadata=metadata, timeout=SIBLING_TIMEOUT_S)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    continue  # that worker has not (yet) loaded the model
+                raise InferenceError(grpc.StatusCode.UNAVAILABLE,
+                                     f"statistics incomplete: worker {index} of {self._role.count} did not answer "
+                                     f"({error.code().name}: {error.details()})") from None  # fmt: skip
+            collected.extend(response.model_stats)
+        return collected
+
+    def _sibling_stubs(self) -> dict[int, pb_grpc.GRPCInferenceServiceStub]:
+        with self._lock:
+            if not self._stubs:
+                self._stubs = {index: pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"unix:{path}"))
+                               for index, path in self._role.sibling_sockets.items()}  # fmt: skip
+            return self._stubs

@@ -1,0 +1,275 @@
+"""`server --workers N`: N worker processes serving one set of ports.
+
+One Python process cannot use many cores: the GIL serialises its request handling. With
+`--workers N` a supervisor process starts N workers, each a whole server (its own
+onnxruntime sessions, batchers, gRPC and HTTP endpoints) listening on the same ports
+with SO_REUSEPORT, so that the kernel spreads the incoming connections among them
+(per connection: a client's calls on one channel all go to one worker).
+
+What stays one server across the workers:
+  /metrics     served by the supervisor, summing every worker's series (prometheus_client's
+               multiprocess mode: the workers write their values to files in a private
+               directory, the supervisor reads them at scrape time);
+  statistics   a worker asked for ModelStatistics (gRPC or HTTP) adds its siblings' counters,
+               asked over their private Unix sockets (server/siblings.py);
+  SIGTERM      the supervisor passes it to every worker; each drains its requests in flight
+               as a single server does; the supervisor exits 0 when all of them did.
+A worker that dies stops the others: the supervisor exits non-zero, for the orchestrator
+to restart the whole server. Explicit model control is refused: a load call would reach
+one worker only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, replace
+from multiprocessing.connection import wait
+from pathlib import Path
+
+log = logging.getLogger("server.workers")
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+WORKER_STOP_TIMEOUT_S = 10.0  # beyond the grace period, before a worker that will not stop is killed
+
+
+class WorkersError(Exception):
+    """The workers cannot start: the message says why."""
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes one server process a worker among `count`."""
+
+    index: int  # 1..count
+    count: int
+    runtime_dir: Path  # private (0700): the sibling sockets and the metrics files
+    secret: str  # proves a call comes from a sibling worker
+
+    @staticmethod
+    def socket_path(runtime_dir: Path, index: int) -> Path:
+        return runtime_dir / f"worker-{index}.sock"
+
+    @property
+    def own_socket(self) -> Path:
+        return self.socket_path(self.runtime_dir, self.index)
+
+    @property
+    def sibling_sockets(self) -> dict[int, Path]:
+        return {i: self.socket_path(self.runtime_dir, i) for i in range(1, self.count + 1) if i != self.index}
+
+
+def check_workers_settings(settings) -> None:
+    if settings.workers > 1 and settings.model_control_mode == "explicit":
+        raise WorkersError("--workers > 1 needs --model-control-mode none or poll: with explicit model "
+                           "control a load or unload call would reach only the worker that received it")
+
+
+# -- the supervisor ----------------------------------------------------------------------------
+def supervise(settings) -> int:
+    """Run `settings.workers` workers until they stop; the exit status for the command."""
+    from server.app import StartupError, check_startup  # the worker's own start-up checks, run once here
+
+    with contextlib.ExitStack() as cleanup:
+        try:
+            check_workers_settings(settings)
+            check_startup(settings)
+            reserved = _reserve_ports(settings)
+            cleanup.callback(reserved.close)
+            runtime_dir = _make_runtime_dir()
+            cleanup.callback(shutil.rmtree, runtime_dir, True)
+            metrics_server = _serve_merged_metrics(settings, runtime_dir / "metrics")
+            cleanup.callback(metrics_server.server_close)
+            cleanup.callback(metrics_server.shutdown)
+        except (WorkersError, StartupError, OSError) as error:
+            print(f"server: error: {error}", file=sys.stderr)
+            return 2
+        settings = replace(settings, grpc_port=reserved.grpc_port, http_port=reserved.http_port,
+                           intra_op_threads=_intra_op_threads(settings))
+        return _run_workers(settings, runtime_dir)
+
+
+def _make_runtime_dir() -> Path:
+    """A private directory for the workers' sockets and metrics files."""
+    try:
+        runtime_dir = Path(tempfile.mkdtemp(prefix="ensemble-server-"))  # mode 0700
+    except OSError as error:
+        raise OSError(f"--workers needs a writable directory for the workers' sockets and metrics files "
+                      f"({error}); set TMPDIR to one") from None
+    (runtime_dir / "metrics").mkdir()
+    return runtime_dir
+
+
+def _intra_op_threads(settings) -> int:
+    """onnxruntime's default, a thread per core in every session of every worker, would put
+    `workers` threads on each core; left at 0, the workers share the cores instead."""
+    if settings.intra_op_threads:
+        return settings.intra_op_threads
+    threads = max(1, len(os.sched_getaffinity(0)) // settings.workers)
+    log.info("each worker's onnxruntime sessions use %d intra-op thread(s) (--intra-op-threads to choose)", threads)
+    return threads
+
+
+@dataclass
+class _ReservedPorts:
+    """The ports the workers will share, held by the supervisor: a port given as 0 gets its
+    number here, and no process without SO_REUSEPORT can take one meanwhile."""
+
+    sockets: list[socket.socket]
+    grpc_port: int
+    http_port: int
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def _reserve_ports(settings) -> _ReservedPorts:
+    sockets = []
+    try:
+        grpc_port = _reserve(settings.host, settings.grpc_port, "gRPC", sockets)
+        http_port = _reserve(settings.host, settings.http_port, "HTTP", sockets) if settings.http_port else 0
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return _ReservedPorts(sockets, grpc_port, http_port)
+
+
+def _reserve(host: str, port: int, what: str, sockets: list[socket.socket]) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # First without SO_REUSEPORT: a port some other server listens on (Triton's gRPC sets
+    # SO_REUSEPORT too) must fail here, not be silently shared with it.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OSError(f"cannot listen for {what} on {host}:{port}: {error.strerror}") from None
+        port = probe.getsockname()[1]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))  # bound, not listening: it takes no connections
+    sockets.append(sock)
+    return port
+
+
+def _serve_merged_metrics(settings, metrics_dir: Path):
+    """/metrics: the sum of what the workers write to `metrics_dir`."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    # Read when a worker first imports prometheus_client: it then writes its values there.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    try:
+        server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_address, registry=registry)
+    except OSError as error:
+        raise OSError(f"cannot serve metrics on {settings.metrics_address}:{settings.metrics_port}: {error}") from None
+    log.info("metrics of all %d workers on http://%s:%d/metrics", settings.workers, settings.metrics_address,
+             server.server_port)
+    return server
+
+
+def _run_workers(settings, runtime_dir: Path) -> int:
+    context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+    secret = secrets.token_hex(16)
+    workers = [context.Process(target=worker_main, name=f"worker-{index}",
+                               args=(settings, WorkerRole(index, settings.workers, runtime_dir, secret)))
+               for index in range(1, settings.workers + 1)]  # fmt: skip
+    stop = _forward_signals(workers)
+    for worker in workers:
+        worker.start()
+    if stop.is_set():  # a signal came before every worker had a pid to pass it to
+        _stop_all(workers, settings.grace_period_s)
+    log.info("started %d workers on gRPC %s:%d%s: pids %s", len(workers), settings.host, settings.grpc_port,
+             f", HTTP {settings.host}:{settings.http_port}" if settings.http_port else "",
+             ", ".join(str(worker.pid) for worker in workers))
+    return _wait_for_workers(workers, stop, settings.grace_period_s)
+
+
+def _forward_signals(workers: list) -> threading.Event:
+    """SIGTERM and SIGINT go to every worker (a second one too: the workers then exit at
+    once, as a single server does). The returned event is set at the first."""
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("%s received: stopping %d workers", signal.Signals(signum).name, len(workers))
+        stop.set()
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def _wait_for_workers(workers: list, stop: threading.Event, grace_period_s: float) -> int:
+    """Wait until every worker has exited; the first to exit on its own stops the others.
+    0 when all exited 0 after a signal."""
+    running = list(workers)
+    failed: int | None = None
+    while running:
+        for sentinel in wait([worker.sentinel for worker in running], timeout=0.5):
+            worker = next(w for w in running if w.sentinel == sentinel)
+            worker.join()
+            running.remove(worker)
+            if not stop.is_set() and failed is None:
+                failed = worker.exitcode
+                log.error("worker %s (pid %d) exited with status %s; stopping the others",
+                          worker.name, worker.pid, worker.exitcode)
+                _stop_all(running, grace_period_s)
+            elif worker.exitcode != 0 and failed is None:
+                failed = worker.exitcode
+    if failed is None:
+        log.info("all workers stopped")
+        return 0
+    return 2 if failed == 2 else 1
+
+
+def _stop_all(workers: list, grace_period_s: float) -> None:
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join(grace_period_s + WORKER_STOP_TIMEOUT_S)
+        if worker.is_alive():
+            log.error("worker %s (pid %d) did not stop; killing it", worker.name, worker.pid)
+            worker.kill()
+
+
+# -- one worker --------------------------------------------------------------------------------
+def worker_main(settings, role: WorkerRole) -> None:
+    """The entry point of a worker process (spawned: it imports everything afresh)."""
+    import asyncio
+
+    from server.app import StartupError, serve
+    from server.cli import event_loop_factory
+
+    _die_with_parent()
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s worker-{role.index} %(name)s: %(message)s")
+    os.setpgid(0, 0)  # out of the terminal's process group: Ctrl-C reaches the supervisor, which passes it on
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(serve(settings, role))
+    except StartupError as error:
+        print(f"server: worker {role.index}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this worker when the supervisor dies (even by SIGKILL): no orphan keeps the ports."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
