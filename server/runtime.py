@@ -81,7 +81,17 @@ def choose_providers(device: str, instance_kind: str = "KIND_AUTO") -> list[str]
     return [CUDA, CPU] if cuda_available() else [CPU]
 
 
-def _session_options(settings: SessionSettings) -> ort.SessionOptions:
+# config.pbtxt `parameters` that tune a model's session, as Triton's onnxruntime backend
+# reads them (string values), plus onnxruntime's own spinning keys (our extension: Triton
+# leaves spinning at onnxruntime's default, on). A model's parameter wins over the flag.
+_THREAD_PARAMETERS = {"intra_op_thread_count": "intra_op_num_threads", "inter_op_thread_count": "inter_op_num_threads"}
+_SWITCH_PARAMETERS = {"enable_mem_arena": "enable_cpu_mem_arena", "enable_mem_pattern": "enable_mem_pattern"}
+_SPINNING_PARAMETERS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+SESSION_PARAMETERS = (*_THREAD_PARAMETERS, "execution_mode", *_SWITCH_PARAMETERS, *_SPINNING_PARAMETERS)
+_TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
+
+def _session_options(settings: SessionSettings, spec: ModelSpec) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -91,10 +101,36 @@ def _session_options(settings: SessionSettings) -> ort.SessionOptions:
     else:
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
-    spinning = "1" if settings.spinning else "0"
-    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    spinning = {key: "1" if settings.spinning else "0" for key in _SPINNING_PARAMETERS}
+    for key, value in spec.config.parameters.items():
+        if key in SESSION_PARAMETERS:
+            _apply_parameter(options, spinning, key, value.string_value.strip(), spec.name, settings)
+    for key, value in spinning.items():
+        options.add_session_config_entry(key, value)
     return options
+
+
+def _apply_parameter(options: ort.SessionOptions, spinning: dict[str, str], key: str, value: str, model: str,
+                     settings: SessionSettings) -> None:  # fmt: skip
+    """One config.pbtxt session parameter; a bad value fails the model's load, naming it."""
+    def bad(expected: str) -> RepositoryError:
+        return RepositoryError(f"model {model!r}: config.pbtxt parameter {key!r} must be {expected}, got {value!r}")
+
+    if key in _THREAD_PARAMETERS:
+        if not value.isdigit():
+            raise bad("a whole number of threads (0: onnxruntime decides)")
+        if not settings.global_thread_pool:  # the shared pool's size is the server's (as in Triton)
+            setattr(options, _THREAD_PARAMETERS[key], int(value))
+    elif key == "execution_mode":
+        if value not in ("0", "1"):
+            raise bad("0 (sequential) or 1 (parallel)")
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if value == "1" else ort.ExecutionMode.ORT_SEQUENTIAL
+    elif value.lower() not in _TRUE + _FALSE:
+        raise bad("true or false")
+    elif key in _SWITCH_PARAMETERS:
+        setattr(options, _SWITCH_PARAMETERS[key], value.lower() in _TRUE)
+    else:
+        spinning[key] = "1" if value.lower() in _TRUE else "0"
 
 
 def _check_tensor(kind: str, spec: TensorSpec, onnx_type: str, onnx_shape: list, batching: bool, model: str) -> None:
@@ -124,8 +160,10 @@ class OnnxModel:
         self.requested_providers = choose_providers(settings.device, kind)
         path: Path = spec.model_file(version)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=_session_options(settings),
-                                                providers=self.requested_providers)
+            options = _session_options(settings, spec)
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.requested_providers)
+        except RepositoryError:
+            raise
         except Exception as error:  # onnxruntime raises its own exception types for bad files
             raise RepositoryError(f"model {spec.name!r} version {version}: onnxruntime cannot load "
                                   f"{path}: {error}") from None

@@ -6,6 +6,7 @@ tests/test_server_*.py files; these pin down the rules that are easier to see al
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -95,6 +96,52 @@ def test_onnx_graph_must_match_config(repository_copy, tiny_repository):
     spec = scan_repository(repository_copy).specs[member]
     with pytest.raises(RepositoryError, match=r"shape \[-1, 11\] in config.pbtxt"):
         OnnxModel(spec, "1", SessionSettings("cpu", 1, 1))
+
+
+SESSION_PARAMETERS = """
+parameters { key: "intra_op_thread_count" value { string_value: "1" } }
+parameters { key: "execution_mode" value { string_value: "1" } }
+parameters { key: "enable_mem_arena" value { string_value: "false" } }
+parameters { key: "session.intra_op.allow_spinning" value { string_value: "true" } }
+"""
+
+
+def test_config_parameters_tune_the_session_as_in_triton(tmp_path):
+    """Triton's onnxruntime-backend keys in config.pbtxt, and onnxruntime's spinning key,
+    override the server-wide flags for that model only."""
+    import onnxruntime as ort
+
+    from server.runtime import OnnxModel, SessionSettings
+    from tests.support.tiny_models import write_member_model
+
+    write_member_model(tmp_path, "tuned", seed=0, config_extra=SESSION_PARAMETERS)
+    write_member_model(tmp_path, "plain", seed=1)
+    specs = scan_repository(tmp_path).specs
+    settings = SessionSettings("cpu", intra_op_threads=2, inter_op_threads=2, spinning=False)  # parallel needs 2+
+    tuned = OnnxModel(specs["tuned"], "1", settings).session.get_session_options()
+    plain = OnnxModel(specs["plain"], "1", settings).session.get_session_options()
+    assert (tuned.intra_op_num_threads, tuned.execution_mode, tuned.enable_cpu_mem_arena) == (
+        1, ort.ExecutionMode.ORT_PARALLEL, False)
+    assert tuned.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert (plain.intra_op_num_threads, plain.execution_mode, plain.enable_cpu_mem_arena) == (
+        2, ort.ExecutionMode.ORT_SEQUENTIAL, True)
+    assert plain.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("intra_op_thread_count", "two", "a whole number of threads"),
+    ("execution_mode", "2", "0 (sequential) or 1 (parallel)"),
+    ("enable_mem_pattern", "maybe", "true or false"),
+])
+def test_a_bad_session_parameter_fails_the_load_naming_it(tmp_path, key, value, expected):
+    from server.runtime import OnnxModel, SessionSettings
+    from tests.support.tiny_models import write_member_model
+
+    write_member_model(tmp_path, "m", seed=0,
+                       config_extra=f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}')  # fmt: skip
+    message = f"model 'm': config.pbtxt parameter '{key}' must be {expected}"
+    with pytest.raises(RepositoryError, match=re.escape(message)):
+        OnnxModel(scan_repository(tmp_path).specs["m"], "1", SessionSettings("cpu"))
 
 
 def test_device_cuda_without_cuda_is_refused():
