@@ -28,7 +28,7 @@ from server.scheduling import Scheduler
 from server.metrics import ModelMetrics, ServerMetrics
 from server.request_codec import InferenceError
 from server.repository import ModelSpec, RepositoryError
-from server.runtime import CUDA, SESSION_PARAMETERS, DeviceError, OnnxModel, SessionSettings
+from server.runtime import CUDA, DeviceError, OnnxModel, SessionSettings, session_parameters
 from server.statistics import ModelStats
 from server.warmup import warm_up
 
@@ -295,7 +295,7 @@ def build_version(spec: ModelSpec, version: str, registry: ModelRegistry, settin
              "max queue delay %.0f us (%s rule), queue bound %d, instances %d)", spec.name, version, onnx_model.provider,
              seconds, policy.max_batch_size, "on" if policy.dynamic else "off", policy.max_queue_delay_s * 1e6,
              "adaptive" if policy.adaptive_delay else "triton", policy.max_queue_size, policy.instances)
-    tuned = {key: value.string_value for key, value in spec.config.parameters.items() if key in SESSION_PARAMETERS}
+    tuned = session_parameters(spec)
     if tuned:
         log.info("model %s: session parameters from config.pbtxt: %s", spec.name,
                  ", ".join(f"{key}={value}" for key, value in sorted(tuned.items())))

@@ -91,6 +91,12 @@ SESSION_PARAMETERS = (*_THREAD_PARAMETERS, "execution_mode", *_SWITCH_PARAMETERS
 _TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 
 
+def session_parameters(spec: ModelSpec) -> dict[str, str]:
+    """The model's config.pbtxt parameters that tune its session: {key: value}."""
+    return {key: value.string_value.strip() for key, value in spec.config.parameters.items()
+            if key in SESSION_PARAMETERS}  # fmt: skip
+
+
 def _session_options(settings: SessionSettings, spec: ModelSpec) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -102,9 +108,8 @@ def _session_options(settings: SessionSettings, spec: ModelSpec) -> ort.SessionO
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
     spinning = {key: "1" if settings.spinning else "0" for key in _SPINNING_PARAMETERS}
-    for key, value in spec.config.parameters.items():
-        if key in SESSION_PARAMETERS:
-            _apply_parameter(options, spinning, key, value.string_value.strip(), spec.name, settings)
+    for key, value in session_parameters(spec).items():
+        _apply_parameter(options, spinning, key, value, spec.name, settings)
     for key, value in spinning.items():
         options.add_session_config_entry(key, value)
     return options

@@ -145,8 +145,7 @@ def from_sibling(metadata: Iterable[tuple[str, str | bytes]] | None, secret: str
         return False
     for key, value in metadata or ():
         if key == SIBLING_METADATA_KEY:
-            value = value.decode("ascii", errors="replace") if isinstance(value, bytes) else value
-            return hmac.compare_digest(value.encode(), secret.encode())
+            return hmac.compare_digest(value if isinstance(value, bytes) else value.encode(), secret.encode())
     return False
 
 
