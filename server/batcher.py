@@ -108,7 +108,10 @@ class CallScope:
 
     def cancel(self) -> None:
         for batcher, ticket in self._tickets:
-            batcher.withdraw(ticket, InferenceError(grpc.StatusCode.CANCELLED, "the call ended before its answer"))
+            # `queued` only ever turns False, so a ticket seen out of the queue needs no lock
+            # (nearly every call ends answered: this is on every request's path).
+            if ticket.queued:
+                batcher.withdraw(ticket, InferenceError(grpc.StatusCode.CANCELLED, "the call ended before its answer"))
 
 
 class DynamicBatcher:

@@ -9,12 +9,13 @@ An infer request body is a JSON header, optionally followed by binary tensor dat
     <784 bytes of pixels>
 
 with the header's length in the `Inference-Header-Content-Length` HTTP header when
-binary data follows. `infer_request` turns it into the same `ModelInferRequest` a gRPC
-client sends (every input raw), so both transports share one decoder, one validation and
-one set of messages (server.request_codec); only what is particular to HTTP (JSON that
-does not parse, `data` that does not fit its shape, binary sizes that do not add up) is
-checked here. `infer_response` writes the answer back as JSON, or with the outputs the
-request asked for in binary after the JSON header.
+binary data follows. `infer_request` reads it into the same `WireRequest` as a gRPC
+message (every input raw; binary tensors are views of the body, not copies), so both
+transports share one decoder, one validation and one set of messages
+(server.request_codec); only what is particular to HTTP (JSON that does not parse, `data`
+that does not fit its shape, binary sizes that do not add up) is checked here.
+`infer_response` writes the answer back as JSON, or with the outputs the request asked
+for in binary after the JSON header.
 
 `message_json` renders the other answers (metadata, config, statistics, index) as Triton
 does: protobuf's JSON mapping with the proto field names, and 64-bit integers as
@@ -32,13 +33,22 @@ from google.protobuf import descriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.tensors import NUMPY_DTYPES, deserialize_bytes, serialize_bytes
-from server.request_codec import CLASSIFICATION_PARAMETERS, invalid
+from server.request_codec import (
+    CLASSIFICATION_PARAMETERS,
+    RequestedOutput,
+    WireInput,
+    WireRequest,
+    WireResponse,
+    invalid,
+    requested_output,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
+# Compact JSON, as Triton writes it; one encoder for all (json.dumps with `separators` builds one per call).
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -54,39 +64,39 @@ class ResponseFormat:
 
 # -- requests -------------------------------------------------------------------------------
 def infer_request(body: bytes, header_length: int | None, model: str, version: str
-                  ) -> tuple[pb.ModelInferRequest, ResponseFormat, float | None]:  # fmt: skip
-    """(the request as gRPC would carry it, how to answer it, its timeout in seconds or None)."""
+                  ) -> tuple[WireRequest, ResponseFormat, float | None]:  # fmt: skip
+    """(the request, how to answer it, its timeout in seconds or None)."""
     header, binary = _split(body, header_length)
-    request = pb.ModelInferRequest(model_name=model, model_version=version)
-    if "id" in header:
-        request.id = _typed(header["id"], str, "'id'")
+    request_id = _typed(header["id"], str, "'id'") if "id" in header else ""
     parameters = json_object(header.get("parameters", {}), "request 'parameters'")
-    inputs = header.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
+    tensors = header.get("inputs")
+    if not isinstance(tensors, list) or not tensors:
         raise invalid("request JSON needs 'inputs': a non-empty list of tensors")
-    offset = 0
-    for index, tensor in enumerate(inputs):
-        offset = _add_input(request, json_object(tensor, f"inputs[{index}]"), binary, offset)
+    inputs, offset = [], 0
+    for index, tensor in enumerate(tensors):
+        tensor, offset = _input(json_object(tensor, f"inputs[{index}]"), binary, offset)
+        inputs.append(tensor)
     if offset != len(binary):
         raise invalid(f"the body carries {len(binary)} bytes of binary data after the JSON header; "
                       f"the inputs' binary_data_size add up to {offset}")
-    response_format = _add_outputs(request, header.get("outputs", []), parameters)
-    return request, response_format, _timeout_s(parameters)
+    outputs, response_format = _outputs(header.get("outputs", []), parameters)
+    return WireRequest(model, version, request_id, inputs, outputs), response_format, _timeout_s(parameters)
 
 
 def _split(body: bytes, header_length: int | None) -> tuple[dict, memoryview]:
     if header_length is not None and not 0 < header_length <= len(body):
         raise invalid(f"{HEADER_LENGTH} is {header_length}; the body has {len(body)} bytes")
     text = body if header_length is None else body[:header_length]
-    where = f" (the first {header_length} bytes, per {HEADER_LENGTH})" if header_length else ""
-    return parse_json_object(text, "request JSON", where), memoryview(body)[header_length or len(body):]
+    return parse_json_object(text, "request JSON", header_length), memoryview(body)[header_length or len(body):]
 
 
-def parse_json_object(text: bytes, what: str, where: str = "") -> dict:
-    """The JSON object in `text` (a request body, or `where` in it); 400 when it is not one."""
+def parse_json_object(text: bytes, what: str, header_length: int | None = None) -> dict:
+    """The JSON object in `text` (a request body, or its first `header_length` bytes); 400
+    when it is not one."""
     try:
         value = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f" (the first {header_length} bytes, per {HEADER_LENGTH})" if header_length else ""
         raise invalid(f"request body{where} is not valid JSON: {error}") from None
     return json_object(value, what)
 
@@ -104,15 +114,13 @@ def _typed(value, kind: type, what: str):
     return value
 
 
-def _add_input(request: pb.ModelInferRequest, tensor: dict, binary: memoryview, offset: int) -> int:
-    """Appends one input (its data raw); returns the offset of the next binary tensor."""
+def _input(tensor: dict, binary: memoryview, offset: int) -> tuple[WireInput, int]:
+    """One input (its data raw) and the offset of the next binary tensor."""
     name = _typed(tensor.get("name"), str, "an input's 'name'")
     datatype = _typed(tensor.get("datatype"), str, f"input {name!r}: 'datatype'")
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):  # fmt: skip
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise invalid(f"input {name!r}: 'shape' must be a list of non-negative integers, got {json.dumps(shape)}")
-    request.inputs.add(name=name, datatype=datatype, shape=shape)
     size = json_object(tensor.get("parameters", {}), f"input {name!r}: 'parameters'").get("binary_data_size")
     if size is not None:
         size = _typed(size, int, f"input {name!r}: binary_data_size")
@@ -121,12 +129,10 @@ def _add_input(request: pb.ModelInferRequest, tensor: dict, binary: memoryview, 
         if offset + size > len(binary):
             raise invalid(f"input {name!r}: binary_data_size {size} at byte {offset} runs past the "
                           f"{len(binary)} bytes of binary data after the JSON header")
-        request.raw_input_contents.append(bytes(binary[offset:offset + size]))
-        return offset + size
+        return WireInput(name, datatype, shape, binary[offset:offset + size]), offset + size
     if "data" not in tensor:
         raise invalid(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-    request.raw_input_contents.append(_json_data(name, datatype, shape, tensor["data"]))
-    return offset
+    return WireInput(name, datatype, shape, _json_data(name, datatype, shape, tensor["data"])), offset
 
 
 def _json_data(name: str, datatype: str, shape: list[int], data) -> bytes:
@@ -188,25 +194,28 @@ def _numbers(name: str, datatype: str, dtype: np.dtype, values: list) -> np.ndar
     return np.array(values, dtype=dtype)
 
 
-def _add_outputs(request: pb.ModelInferRequest, outputs, parameters: dict) -> ResponseFormat:
+def _outputs(outputs, parameters: dict) -> tuple[list[RequestedOutput], ResponseFormat]:
     if not isinstance(outputs, list):
         raise invalid(f"request 'outputs' must be a list, got {type(outputs).__name__}")
     binary_by_default = parameters.get("binary_data_output", False)
     if not isinstance(binary_by_default, bool):
         raise invalid(f"parameter binary_data_output must be true or false, got {json.dumps(binary_by_default)}")
-    binary = {}
+    requested, binary = [], {}
     for index, output in enumerate(outputs):
         output = json_object(output, f"outputs[{index}]")
         name = _typed(output.get("name"), str, "an output's 'name'")
-        requested = request.outputs.add(name=name)
         output_parameters = json_object(output.get("parameters", {}), f"output {name!r}: 'parameters'")
         if "binary_data" in output_parameters:
             binary[name] = output_parameters["binary_data"] is True
-        for key in CLASSIFICATION_PARAMETERS:
-            if key in output_parameters:
-                requested.parameters[key].int64_param = _typed(output_parameters[key], int,
-                                                               f"output {name!r}: parameter {key!r}")
-    return ResponseFormat(binary_by_default, binary)
+        requested.append(_requested(name, output_parameters))
+    return requested, ResponseFormat(binary_by_default, binary)
+
+
+def _requested(name: str, parameters: dict) -> RequestedOutput:
+    for key in CLASSIFICATION_PARAMETERS:
+        if key in parameters:
+            return requested_output(name, key, _typed(parameters[key], int, f"output {name!r}: parameter {key!r}"))
+    return requested_output(name)
 
 
 def _timeout_s(parameters: dict) -> float | None:
@@ -220,23 +229,22 @@ def _timeout_s(parameters: dict) -> float | None:
 
 
 # -- responses ------------------------------------------------------------------------------
-def infer_response(response: pb.ModelInferResponse, response_format: ResponseFormat
-                   ) -> tuple[bytes, int | None]:  # fmt: skip
+def infer_response(response: WireResponse, response_format: ResponseFormat) -> tuple[bytes, int | None]:
     """(the body, the JSON header's length when binary outputs follow it, else None)."""
     header: dict = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:
         header["id"] = response.id
     blobs = []
     outputs = header["outputs"] = []
-    for tensor, raw in zip(response.outputs, response.raw_output_contents):
-        output = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+    for tensor in response.outputs:
+        output = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
         if response_format.is_binary(tensor.name):
-            output["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
+            output["parameters"] = {"binary_data_size": len(tensor.raw)}
+            blobs.append(tensor.raw)
         else:
-            output["data"] = _json_values(tensor.datatype, raw)
+            output["data"] = _json_values(tensor.datatype, tensor.raw)
         outputs.append(output)
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = _COMPACT.encode(header).encode()
     if not blobs:
         return text, None
     return b"".join([text, *blobs]), len(text)
@@ -253,7 +261,7 @@ def error_body(message: str) -> bytes:
 
 
 def message_json(message: Message) -> bytes:
-    return json.dumps(message_dict(message), separators=(",", ":")).encode()
+    return _COMPACT.encode(message_dict(message)).encode()
 
 
 def message_dict(message: Message) -> dict:

@@ -40,10 +40,12 @@ class HttpEndpoint:
     def __init__(self, app: HttpApp, settings: ServerSettings, shared_port: bool = False):
         """`shared_port`: one of --workers' processes, listening with SO_REUSEPORT beside its siblings."""
         self._socket = _bind(settings.host, settings.http_port, shared_port)
+        # proxy_headers off: the client's address is only logged (at debug level), and the
+        # middleware that would rewrite it from X-Forwarded-For is one more layer per request.
         config = uvicorn.Config(
             app, http="httptools", loop="none", lifespan="off", log_config=None, access_log=False,
             timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=settings.max_concurrent_rpcs,
-            timeout_graceful_shutdown=1, server_header=False, **_tls(settings))  # fmt: skip
+            timeout_graceful_shutdown=1, server_header=False, proxy_headers=False, **_tls(settings))  # fmt: skip
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task | None = None
         # uvicorn's own INFO lines ("Uvicorn running on ...") would repeat ours.

@@ -1,12 +1,15 @@
 """ModelInfer requests in, responses out: decoding, validation and encoding.
 
-Decoding checks a request against the model's config and turns each input into a
-numpy array: `raw_input_contents` with np.frombuffer (no copy), typed `contents` with
-np.fromiter. Any mismatch raises `InferenceError` with the gRPC status to answer and
-a one-line message naming what was received and what was expected.
+Both transports read a request into the same `WireRequest` (gRPC's message through
+`from_grpc`, HTTP's JSON in server.http_codec), and one decoder checks it against the
+model's config and turns each input into a numpy array: raw bytes with np.frombuffer (no
+copy), gRPC's typed `contents` with np.fromiter. Any mismatch raises `InferenceError` with
+the gRPC status to answer and a one-line message naming what was received and what was
+expected. The answer is a `WireResponse`, which each transport writes its own way
+(`to_grpc` here).
 
-Encoding always answers in `raw_output_contents` (what Triton does over gRPC, and
-what tritonclient's `as_numpy` expects). An output requested with the classification
+Outputs always travel raw (gRPC's `raw_output_contents`: what Triton does, and what
+tritonclient's `as_numpy` expects). An output requested with the classification
 parameter (`classification: k`, which tritonclient's class_count sends) is replaced by
 a BYTES tensor [batch, k] of "score:index:label" strings, best first (Triton's
 classification extension).
@@ -50,6 +53,47 @@ class RequestedOutput:
     class_count: int = 0  # > 0: answer top-k "score:index:label" strings instead of the tensor
 
 
+@dataclass(slots=True)
+class WireInput:
+    """One input tensor as a transport carried it, not yet checked against the model."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes | memoryview | None  # its bytes, row-major; None: gRPC's typed `contents`
+    contents: pb.InferTensorContents | None = None
+
+
+@dataclass(slots=True)
+class WireRequest:
+    """A ModelInfer request as either transport read it."""
+
+    model_name: str
+    model_version: str
+    id: str
+    inputs: list[WireInput]
+    outputs: list[RequestedOutput]  # empty: every output of the model
+    # What the transport found wrong in the message itself (gRPC: raw contents that do not
+    # pair with the inputs); raised by the decoder, so that it counts against the model.
+    malformed: str = ""
+
+
+@dataclass(slots=True)
+class WireOutput:
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes
+
+
+@dataclass(slots=True)
+class WireResponse:
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[WireOutput]
+
+
 @dataclass(frozen=True)
 class DecodedRequest:
     inputs: Tensors
@@ -61,8 +105,8 @@ def _expected_inputs(spec: ModelSpec) -> str:
     return ", ".join(tensor.describe(spec.batching) for tensor in spec.inputs)
 
 
-def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, expected: TensorSpec, spec: ModelSpec) -> list[int]:
-    shape = list(tensor.shape)
+def _check_shape(tensor: WireInput, expected: TensorSpec, spec: ModelSpec) -> list[int]:
+    shape = tensor.shape
     wanted = expected.shape(spec.batching)
     fits = len(shape) == len(wanted) and all(w in (-1, s) and s >= 0 for s, w in zip(shape, wanted))
     if not fits:
@@ -77,16 +121,16 @@ def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, expected: Tensor
     return shape
 
 
-def _from_raw(raw: bytes, tensor, expected: TensorSpec, shape: list[int]) -> np.ndarray:
+def _from_raw(tensor: WireInput, expected: TensorSpec, shape: list[int]) -> np.ndarray:
     count = math.prod(shape)
     needed = count * expected.dtype.itemsize
-    if len(raw) != needed:
-        raise invalid(f"raw content of input {tensor.name!r} has {len(raw)} bytes; shape {shape} "
+    if len(tensor.raw) != needed:
+        raise invalid(f"raw content of input {tensor.name!r} has {len(tensor.raw)} bytes; shape {shape} "
                       f"{expected.datatype} needs {needed} bytes")
-    return np.frombuffer(raw, dtype=expected.dtype).reshape(shape)
+    return np.frombuffer(tensor.raw, dtype=expected.dtype).reshape(shape)
 
 
-def _from_contents(tensor, expected: TensorSpec, shape: list[int]) -> np.ndarray:
+def _from_contents(tensor: WireInput, expected: TensorSpec, shape: list[int]) -> np.ndarray:
     field = CONTENTS_FIELD.get(expected.datatype)
     if field is None:
         raise invalid(f"input {tensor.name!r} is {expected.datatype}, which travels only in raw_input_contents")
@@ -109,17 +153,15 @@ def _from_contents(tensor, expected: TensorSpec, shape: list[int]) -> np.ndarray
     return array.reshape(shape)
 
 
-def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> DecodedRequest:
+def decode_request(request: WireRequest, spec: ModelSpec) -> DecodedRequest:
+    if request.malformed:
+        raise invalid(request.malformed)
     if not request.inputs:
         raise invalid(f"request has no inputs; model {spec.name!r} expects {_expected_inputs(spec)}")
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise invalid(f"request has {len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
-                      f"expected one per input, in the order of `inputs`")
     declared = {tensor.name: tensor for tensor in spec.inputs}
     inputs: Tensors = {}
     batch_sizes = set()
-    for index, tensor in enumerate(request.inputs):
+    for tensor in request.inputs:
         expected = declared.get(tensor.name)
         if expected is None:
             raise invalid(f"unexpected input {tensor.name!r}; model {spec.name!r} expects {_expected_inputs(spec)}")
@@ -129,46 +171,36 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> DecodedReq
             raise invalid(f"input {tensor.name!r} has datatype {tensor.datatype or '(empty)'}; "
                           f"model {spec.name!r} expects {expected.datatype}")
         shape = _check_shape(tensor, expected, spec)
-        if raw:
-            if tensor.HasField("contents") and tensor.contents.ListFields():
-                raise invalid(f"input {tensor.name!r} has both typed contents and raw_input_contents; use one")
-            inputs[tensor.name] = _from_raw(raw[index], tensor, expected, shape)
+        if tensor.raw is not None:
+            inputs[tensor.name] = _from_raw(tensor, expected, shape)
         else:
             inputs[tensor.name] = _from_contents(tensor, expected, shape)
         batch_sizes.add(shape[0] if spec.batching else 1)
-    missing = [name for name in declared if name not in inputs]
-    if missing:
+    if len(inputs) != len(declared):
+        missing = [name for name in declared if name not in inputs]
         raise invalid(f"request lacks input(s) {missing}; model {spec.name!r} expects {_expected_inputs(spec)}")
     if len(batch_sizes) > 1:
         raise invalid(f"inputs have different batch sizes {sorted(batch_sizes)}; they must agree")
-    return DecodedRequest(inputs, batch_sizes.pop(), _requested_outputs(request, spec))
+    return DecodedRequest(inputs, batch_sizes.pop(), _requested_outputs(request.outputs, spec))
 
 
-def _requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[RequestedOutput, ...]:
-    if not request.outputs:
+def _requested_outputs(outputs: list[RequestedOutput], spec: ModelSpec) -> tuple[RequestedOutput, ...]:
+    if not outputs:
         return tuple(RequestedOutput(tensor.name) for tensor in spec.outputs)
     known = {tensor.name for tensor in spec.outputs}
-    requested = []
-    for output in request.outputs:
+    for output in outputs:
         if output.name not in known:
             raise invalid(f"requested output {output.name!r} does not exist; model {spec.name!r} has "
                           f"{', '.join(repr(name) for name in sorted(known))}")
-        requested.append(RequestedOutput(output.name, _class_count(output)))
-    return tuple(requested)
+    return tuple(outputs)
 
 
-def _class_count(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> int:
-    for key in CLASSIFICATION_PARAMETERS:
-        if key in output.parameters:
-            parameter = output.parameters[key]
-            choice = parameter.WhichOneof("parameter_choice")
-            if choice not in ("int64_param", "uint64_param"):
-                raise invalid(f"output {output.name!r}: parameter {key!r} must be an integer, got {choice}")
-            count = getattr(parameter, choice)
-            if count < 1:
-                raise invalid(f"output {output.name!r}: parameter {key!r} is {count}; expected at least 1")
-            return count
-    return 0
+def requested_output(name: str, key: str | None = None, class_count: int = 0) -> RequestedOutput:
+    """An output as a client asked for it; `key` names the classification parameter it
+    was asked with (its `class_count` must then be at least 1)."""
+    if key is not None and class_count < 1:
+        raise invalid(f"output {name!r}: parameter {key!r} is {class_count}; expected at least 1")
+    return RequestedOutput(name, class_count)
 
 
 def classify(scores: np.ndarray, class_count: int, labels: tuple[str, ...]) -> tuple[bytes, list[int]]:
@@ -187,17 +219,61 @@ def classify(scores: np.ndarray, class_count: int, labels: tuple[str, ...]) -> t
     return serialize_bytes(items), [rows.shape[0], k] if scores.ndim > 1 else [k]
 
 
-def encode_response(request: pb.ModelInferRequest, spec: ModelSpec, version: str, outputs: Tensors,
-                    requested: tuple[RequestedOutput, ...]) -> pb.ModelInferResponse:  # fmt: skip
-    response = pb.ModelInferResponse(model_name=spec.name, model_version=version, id=request.id)
+def encode_response(spec: ModelSpec, version: str, request_id: str, outputs: Tensors,
+                    requested: tuple[RequestedOutput, ...]) -> WireResponse:  # fmt: skip
     declared = {tensor.name: tensor for tensor in spec.outputs}
+    tensors = []
     for wanted in requested:
         array = outputs[wanted.name]
         if wanted.class_count:
             data, shape = classify(array, wanted.class_count, declared[wanted.name].labels)
-            response.outputs.add(name=wanted.name, datatype="BYTES", shape=shape)
+            tensors.append(WireOutput(wanted.name, "BYTES", shape, data))
         else:
-            data = np.ascontiguousarray(array).tobytes()
-            response.outputs.add(name=wanted.name, datatype=declared[wanted.name].datatype, shape=array.shape)
-        response.raw_output_contents.append(data)
-    return response
+            tensors.append(WireOutput(wanted.name, declared[wanted.name].datatype, list(array.shape),
+                                      np.ascontiguousarray(array).tobytes()))
+    return WireResponse(spec.name, version, request_id, tensors)
+
+
+# -- gRPC's messages ----------------------------------------------------------------------------
+def from_grpc(request: pb.ModelInferRequest) -> WireRequest:
+    raw = request.raw_input_contents
+    malformed = ""
+    if raw and len(raw) != len(request.inputs):
+        malformed = (f"request has {len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
+                     f"expected one per input, in the order of `inputs`")
+    inputs = []
+    for index, tensor in enumerate(request.inputs):
+        if not raw:
+            inputs.append(WireInput(tensor.name, tensor.datatype, list(tensor.shape), None, tensor.contents))
+            continue
+        if tensor.HasField("contents") and tensor.contents.ListFields():
+            malformed = malformed or f"input {tensor.name!r} has both typed contents and raw_input_contents; use one"
+        data = raw[index] if index < len(raw) else b""  # a shortfall is `malformed` already
+        inputs.append(WireInput(tensor.name, tensor.datatype, list(tensor.shape), data))
+    outputs = []
+    for output in request.outputs:
+        try:
+            outputs.append(_grpc_requested_output(output))
+        except InferenceError as error:
+            malformed = malformed or error.message
+    return WireRequest(request.model_name, request.model_version, request.id, inputs, outputs, malformed)
+
+
+def _grpc_requested_output(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> RequestedOutput:
+    for key in CLASSIFICATION_PARAMETERS:
+        if key in output.parameters:
+            parameter = output.parameters[key]
+            choice = parameter.WhichOneof("parameter_choice")
+            if choice not in ("int64_param", "uint64_param"):
+                raise invalid(f"output {output.name!r}: parameter {key!r} must be an integer, got {choice}")
+            return requested_output(output.name, key, getattr(parameter, choice))
+    return requested_output(output.name)
+
+
+def to_grpc(response: WireResponse) -> pb.ModelInferResponse:
+    message = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
+                                    id=response.id)
+    for output in response.outputs:  # built in place: a message passed to the constructor is copied
+        message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        message.raw_output_contents.append(output.raw)
+    return message

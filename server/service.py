@@ -1,7 +1,8 @@
 """What the server answers, whichever transport asked: the protocol's operations on the
 registry and the server state, with protobuf messages in and out (the gRPC servicer sends
-them as they are; the HTTP endpoint turns them into JSON) and failures raised as
-`InferenceError`, whose gRPC status each transport maps to its own.
+them as they are; the HTTP endpoint turns them into JSON), inference as a `WireRequest`
+in and a `WireResponse` out (each transport reads and writes its own bodies), and
+failures raised as `InferenceError`, whose gRPC status each transport maps to its own.
 
 Inference is counted here once for both transports: requests by outcome and protocol,
 end-to-end latency, and the failure statistics of ModelStatistics.
@@ -12,8 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
@@ -23,7 +22,14 @@ from server.batcher import CallScope
 from server.metrics import ServerMetrics
 from server.model_control import ModelController
 from server.registry import LoadedModel, ModelRegistry
-from server.request_codec import DecodedRequest, InferenceError, decode_request, encode_response
+from server.request_codec import (
+    DecodedRequest,
+    InferenceError,
+    WireRequest,
+    WireResponse,
+    decode_request,
+    encode_response,
+)
 from server.scheduling import run_async, run_blocking
 from server.siblings import SiblingStatistics
 from server.statistics import merge_statistics
@@ -81,13 +87,55 @@ class ServerState:
             return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
 
 
-@dataclass
-class _Call:
-    """One inference call while it is handled: what its accounting needs."""
+class _AccountedCall:
+    """One inference call while it is handled: counted in flight, then its outcome recorded
+    (requests by outcome, latency, failure statistics). An unexpected exception becomes
+    INTERNAL: a bug must cost one request, not the server. A plain class rather than a
+    @contextmanager, which costs several times as much on every request's path."""
 
-    protocol: str
-    start: float
-    model: LoadedModel | None = None
+    __slots__ = ("state", "metrics", "protocol", "deadline", "start", "model")
+
+    def __init__(self, state: ServerState, metrics: ServerMetrics, protocol: str, deadline: float | None):
+        self.state, self.metrics, self.protocol, self.deadline = state, metrics, protocol, deadline
+        self.start = time.perf_counter()
+        self.model: LoadedModel | None = None  # set once the model is found
+
+    def __enter__(self) -> _AccountedCall:
+        self.state.begin_request()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if error is None:
+                self._count("success")
+            elif isinstance(error, InferenceError):
+                self._count(self._outcome(error))
+            elif isinstance(error, Exception):
+                log.exception("inference on model %s failed", self.model.spec.name if self.model else "?",
+                              exc_info=error)
+                self._count("internal")
+                raise InferenceError(grpc.StatusCode.INTERNAL,
+                                     f"internal error: {type(error).__name__}: {error}") from None
+        finally:
+            if self.model is not None:
+                self.model.release()
+            self.state.end_request()
+
+    def _outcome(self, error: InferenceError) -> str:
+        if error.code == grpc.StatusCode.CANCELLED:
+            # The call ended first: by the client's cancel, or by its deadline.
+            expired = self.deadline is not None and time.monotonic() >= self.deadline
+            return "deadline_exceeded" if expired else "cancelled"
+        return _OUTCOME.get(error.code, "internal")
+
+    def _count(self, outcome: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        if self.model is None:
+            self.metrics.count_unknown_model_request(self.protocol, outcome)
+            return
+        self.model.metrics.count_request(self.protocol, outcome, elapsed)
+        if outcome == "invalid_argument":
+            self.model.stats.record_failure(int(elapsed * 1e9))
 
 
 class InferenceService:
@@ -154,23 +202,23 @@ class InferenceService:
             raise InferenceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}") from None
 
     # -- inference -------------------------------------------------------------------------
-    def infer(self, request: pb.ModelInferRequest, deadline: float | None, scope: CallScope,
-              protocol: str) -> pb.ModelInferResponse:  # fmt: skip
+    def infer(self, request: WireRequest, deadline: float | None, scope: CallScope,
+              protocol: str) -> WireResponse:  # fmt: skip
         """Serve one request on this thread (gRPC's worker threads)."""
-        with self._accounted(protocol, deadline) as call:
+        with _AccountedCall(self.state, self.metrics, protocol, deadline) as call:
             decoded = self._decode(request, call)
             outputs = run_blocking(call.model.scheduler.steps(decoded.inputs, decoded.batch_size, deadline, scope))
-            return encode_response(request, call.model.spec, call.model.version, outputs, decoded.outputs)
+            return encode_response(call.model.spec, call.model.version, request.id, outputs, decoded.outputs)
 
-    async def infer_async(self, request: pb.ModelInferRequest, deadline: float | None, scope: CallScope,
-                          protocol: str) -> pb.ModelInferResponse:  # fmt: skip
+    async def infer_async(self, request: WireRequest, deadline: float | None, scope: CallScope,
+                          protocol: str) -> WireResponse:  # fmt: skip
         """Serve one request on the running event loop (the HTTP endpoint)."""
-        with self._accounted(protocol, deadline) as call:
+        with _AccountedCall(self.state, self.metrics, protocol, deadline) as call:
             decoded = self._decode(request, call)
             outputs = await run_async(call.model.scheduler.steps(decoded.inputs, decoded.batch_size, deadline, scope))
-            return encode_response(request, call.model.spec, call.model.version, outputs, decoded.outputs)
+            return encode_response(call.model.spec, call.model.version, request.id, outputs, decoded.outputs)
 
-    def _decode(self, request: pb.ModelInferRequest, call: _Call) -> DecodedRequest:
+    def _decode(self, request: WireRequest, call: _AccountedCall) -> DecodedRequest:
         state = self.state
         if not state.serving:
             raise InferenceError(grpc.StatusCode.UNAVAILABLE,
@@ -180,40 +228,3 @@ class InferenceService:
         call.model = state.registry.acquire(request.model_name, request.model_version)
         return decode_request(request, call.model.spec)
 
-    @contextmanager
-    def _accounted(self, protocol: str, deadline: float | None):
-        """Counts the call in flight while it runs, then records its outcome; an unexpected
-        exception becomes INTERNAL: a bug must cost one request, not the server."""
-        call = _Call(protocol, time.perf_counter())
-        self.state.begin_request()
-        try:
-            yield call
-        except InferenceError as error:
-            self._count(call, self._outcome(error, deadline))
-            raise
-        except Exception as error:
-            log.exception("inference on model %s failed", call.model.spec.name if call.model else "?")
-            self._count(call, "internal")
-            raise InferenceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}") from None
-        else:
-            self._count(call, "success")
-        finally:
-            if call.model is not None:
-                call.model.release()
-            self.state.end_request()
-
-    @staticmethod
-    def _outcome(error: InferenceError, deadline: float | None) -> str:
-        if error.code == grpc.StatusCode.CANCELLED:
-            # The call ended first: by the client's cancel, or by its deadline.
-            return "deadline_exceeded" if deadline is not None and time.monotonic() >= deadline else "cancelled"
-        return _OUTCOME.get(error.code, "internal")
-
-    def _count(self, call: _Call, outcome: str) -> None:
-        elapsed = time.perf_counter() - call.start
-        if call.model is None:
-            self.metrics.count_unknown_model_request(call.protocol, outcome)
-            return
-        call.model.metrics.count_request(call.protocol, outcome, elapsed)
-        if outcome == "invalid_argument":
-            call.model.stats.record_failure(int(elapsed * 1e9))

@@ -15,7 +15,7 @@ from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.batcher import CallScope
 from server.model_control import FILE_PARAMETER_PREFIX
-from server.request_codec import InferenceError
+from server.request_codec import InferenceError, from_grpc, to_grpc
 from server.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Runs when the call ends for any reason: a client that cancelled, or whose
         # deadline passed, leaves the queues at once.
         context.add_callback(scope.cancel)
-        return _answer(context, self.service.infer, request, deadline, scope, "grpc")
+        return to_grpc(_answer(context, self.service.infer, from_grpc(request), deadline, scope, "grpc"))
 
 
 def _answer(context, operation, *args):

@@ -4,6 +4,7 @@ sharing batches with gRPC, and draining on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import signal
@@ -16,6 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
+from server.http_app import HttpApp
 from tests.support.http import HEADER_LENGTH, binary_infer_body, call, infer, json_infer_body
 from tests.support.metrics import metric, scrape
 from tests.support.requests import infer_request, probabilities
@@ -203,6 +205,38 @@ def test_slow_and_half_closed_clients_do_not_block_others(port, tiny_repository,
     slow.close()
     half_closed.close()
     assert call(port, "GET", "/v2/health/ready").status == 200
+
+
+def _send_part_then_stall(app: HttpApp, first_chunk: bytes, wait_s: float = 10.0) -> dict:
+    """Run one infer request through `app` whose body stops after `first_chunk`; the answer
+    it sent ({"status": ..., "body": ...}), or {} if it got none within `wait_s`."""
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": [(b"content-length", b"100")]}
+    answer: dict = {}
+    chunks = [{"type": "http.request", "body": first_chunk, "more_body": True}]
+
+    async def receive():
+        if chunks:
+            return chunks.pop()
+        await asyncio.Event().wait()  # the rest never comes
+
+    async def send(message):
+        answer.update({key: message[key] for key in ("status", "body") if key in message})
+
+    async def run():
+        await asyncio.wait_for(app(scope, receive, send), wait_s)
+
+    asyncio.run(run())
+    return answer
+
+
+def test_a_body_that_stops_arriving_gets_408_and_others_are_unaffected():
+    app = HttpApp(service=None, tokens=None, max_body_bytes=1 << 20, body_timeout_s=0.2)
+    answer = _send_part_then_stall(app, b"{")
+    assert answer["status"] == 408 and "did not arrive within 0.2 s" in json.loads(answer["body"])["error"]
+    # A cancellation from elsewhere (a client that went away, shutdown) is not a 408.
+    patient = HttpApp(service=None, tokens=None, max_body_bytes=1 << 20, body_timeout_s=60)
+    with pytest.raises(asyncio.TimeoutError):
+        _send_part_then_stall(patient, b"{", wait_s=0.2)
 
 
 # -- sharing batches with gRPC, draining -----------------------------------------------------------

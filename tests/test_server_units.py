@@ -20,7 +20,7 @@ from server.batcher import BatchingPolicy, CallScope, DynamicBatcher
 from server.config import ServerSettings
 from server.metrics import ServerMetrics
 from ensemble_serving.tensors import serialize_bytes
-from server.request_codec import InferenceError, classify, decode_request, encode_response
+from server.request_codec import InferenceError, classify, decode_request, encode_response, from_grpc, to_grpc
 from server.registry import batching_policy
 from server.repository import RepositoryError, load_order, scan_repository
 from server.runtime import DeviceError, choose_providers, cuda_available
@@ -171,7 +171,7 @@ def _request(images: np.ndarray, typed: bool = False, model: str = "m") -> pb.Mo
 @pytest.mark.parametrize("typed", [False, True], ids=["raw", "typed"])
 def test_decode_raw_and_typed_agree(member_spec, tiny_repository, typed):
     images = tiny_repository.images(3)
-    decoded = decode_request(_request(images, typed), member_spec)
+    decoded = decode_request(from_grpc(_request(images, typed)), member_spec)
     assert decoded.batch_size == 3
     np.testing.assert_array_equal(decoded.inputs["images"], images)
     assert decoded.inputs["images"].dtype == np.uint8
@@ -179,9 +179,10 @@ def test_decode_raw_and_typed_agree(member_spec, tiny_repository, typed):
 
 def test_encode_uses_raw_outputs_and_echoes_id(member_spec, tiny_repository):
     probabilities = np.full((2, 10), 0.1, np.float32)
-    request = _request(tiny_repository.images(2))
+    request = from_grpc(_request(tiny_repository.images(2)))
     decoded = decode_request(request, member_spec)
-    response = encode_response(request, member_spec, "1", {"probabilities": probabilities}, decoded.outputs)
+    response = to_grpc(encode_response(member_spec, "1", request.id, {"probabilities": probabilities},
+                                       decoded.outputs))
     assert response.id == "abc" and response.model_version == "1"
     assert list(response.outputs[0].shape) == [2, 10] and response.outputs[0].datatype == "FP32"
     np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], np.float32).reshape(2, 10),
@@ -199,7 +200,7 @@ def test_typed_values_out_of_range_are_refused(member_spec, tiny_repository):
     request = _request(tiny_repository.images(1), typed=True)
     request.inputs[0].contents.uint_contents[0] = 300
     with pytest.raises(InferenceError, match="outside the UINT8 range") as error:
-        decode_request(request, member_spec)
+        decode_request(from_grpc(request), member_spec)
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
