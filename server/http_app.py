@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+import orjson
 from google.protobuf.message import Message
 
 from server.batcher import CallScope
@@ -100,7 +101,7 @@ class Response:
 
 
 def json_response(content: Message | dict | list, status: int = 200) -> Response:
-    body = message_json(content) if isinstance(content, Message) else json.dumps(content).encode()
+    body = message_json(content) if isinstance(content, Message) else orjson.dumps(content)
     return Response(status, body)
 
 

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 from google.protobuf import descriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -47,8 +48,6 @@ from server.request_codec import (
 HEADER_LENGTH = "inference-header-content-length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
-# Compact JSON, as Triton writes it; one encoder for all (json.dumps with `separators` builds one per call).
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -94,8 +93,8 @@ def parse_json_object(text: bytes, what: str, header_length: int | None = None) 
     """The JSON object in `text` (a request body, or its first `header_length` bytes); 400
     when it is not one."""
     try:
-        value = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as error:  # bad UTF-8 too
         where = f" (the first {header_length} bytes, per {HEADER_LENGTH})" if header_length else ""
         raise invalid(f"request body{where} is not valid JSON: {error}") from None
     return json_object(value, what)
@@ -244,7 +243,7 @@ def infer_response(response: WireResponse, response_format: ResponseFormat) -> t
         else:
             output["data"] = _json_values(tensor.datatype, tensor.raw)
         outputs.append(output)
-    text = _COMPACT.encode(header).encode()
+    text = orjson.dumps(header)
     if not blobs:
         return text, None
     return b"".join([text, *blobs]), len(text)
@@ -257,11 +256,11 @@ def _json_values(datatype: str, raw: bytes) -> list:
 
 
 def error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+    return orjson.dumps({"error": message})
 
 
 def message_json(message: Message) -> bytes:
-    return _COMPACT.encode(message_dict(message)).encode()
+    return orjson.dumps(message_dict(message))
 
 
 def message_dict(message: Message) -> dict:
