@@ -10,7 +10,7 @@ import click
 
 from server.app import StartupError, serve
 from server.config import ServerSettings, apply_settings_options
-from server.workers import supervise
+from server.workers import WorkerRole, supervise
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -35,19 +35,33 @@ def main(**options) -> None:
     server processes share the ports (one supervisor, one /metrics).
     """
     settings = ServerSettings(**options)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     if settings.workers > 1:
         sys.exit(supervise(settings))
+    sys.exit(run_server(settings))
+
+
+def configure_logging(settings: ServerSettings, process: str = "") -> None:
+    """Log lines to stderr; `process` (a worker's name) tags every line of that process."""
+    tag = f"{process} " if process else ""
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+
+
+def run_server(settings: ServerSettings, role: WorkerRole | None = None) -> int:
+    """One server (with `role`: one worker of --workers) until a signal stops it. The exit
+    status: 0, or 2 after one line for a start-up problem."""
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(serve(settings))
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            runner.run(serve(settings, role))
     except StartupError as error:
-        click.echo(f"server: error: {error}", err=True)
-        sys.exit(2)
+        who = "server" if role is None else f"server: worker {role.index}"
+        click.echo(f"{who}: error: {error}", err=True)
+        return 2
+    return 0
 
 
-def event_loop_factory():
+def _event_loop_factory():
     """uvloop where it installs (the HTTP endpoint's event loop: measurably faster), else asyncio's."""
     try:
         import uvloop

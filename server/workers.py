@@ -252,21 +252,12 @@ def _stop_all(workers: list, grace_period_s: float) -> None:
 # -- one worker --------------------------------------------------------------------------------
 def worker_main(settings, role: WorkerRole) -> None:
     """The entry point of a worker process (spawned: it imports everything afresh)."""
-    import asyncio
-
-    from server.app import StartupError, serve
-    from server.cli import event_loop_factory
+    from server.cli import configure_logging, run_server
 
     _die_with_parent()
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s worker-{role.index} %(name)s: %(message)s")
+    configure_logging(settings, f"worker-{role.index}")
     os.setpgid(0, 0)  # out of the terminal's process group: Ctrl-C reaches the supervisor, which passes it on
-    try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(serve(settings, role))
-    except StartupError as error:
-        print(f"server: worker {role.index}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_server(settings, role))
 
 
 def _die_with_parent() -> None:
