@@ -54,10 +54,12 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def our_server_command(repository: Path, extra: list[str] = ()) -> list[str]:
-    """`python -m server` on the ports ServerProcess fills in."""
+def our_server_command(repository: Path, extra: list[str] = (), http: bool = True) -> list[str]:
+    """`python -m server` on the ports ServerProcess fills in. Without `http` the command
+    names no HTTP port: a checkout from before the HTTP endpoint can serve gRPC."""
+    ports = ["--grpc-port", "{grpc}", "--metrics-port", "{metrics}"] + (["--http-port", "{http}"] if http else [])
     return [sys.executable, "-m", "server", "--model-repository", str(repository), "--host", "127.0.0.1",
-            "--grpc-port", "{grpc}", "--metrics-port", "{metrics}", "--http-port", "{http}", *extra]
+            *ports, *extra]
 
 
 @dataclass

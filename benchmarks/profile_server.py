@@ -105,8 +105,8 @@ def load(perf_analyzer: Path, protocol: str, address: str, model: str, concurren
 
 
 def profile_model(args, model: str, workdir: Path) -> dict:
-    server = ServerProcess(our_server_command(args.model_repository, args.server_flag), workdir / f"{model}.log",
-                           cwd=args.ours_root)
+    command = our_server_command(args.model_repository, args.server_flag, http=args.protocol == "http")
+    server = ServerProcess(command, workdir / f"{model}.log", cwd=args.ours_root)
     stop = threading.Event()
     address = server.http_address if args.protocol == "http" else server.address
     loader = threading.Thread(target=load, args=(args.perf_analyzer, args.protocol, address, model, args.concurrency,

@@ -55,7 +55,8 @@ class Point:
 def server_command(name: str, args) -> list[str]:
     if name == "triton":
         return [str(args.triton), str(args.model_repository), "{grpc}", "{http}", "{metrics}"]
-    return our_server_command(args.model_repository, args.server_flag if name == "ours" else args.before_flag)
+    return our_server_command(args.model_repository, args.server_flag if name == "ours" else args.before_flag,
+                              http="http" in args.protocols)
 
 
 def start_server(name: str, args, workdir: Path) -> ServerProcess:
