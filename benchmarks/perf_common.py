@@ -54,9 +54,17 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def serves_http(root: Path) -> bool:
+    """Whether the server of the checkout at `root` has the HTTP endpoint (takes --http-port):
+    a worktree of an older commit may predate it."""
+    usage = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=root, capture_output=True, text=True)
+    return "--http-port" in usage.stdout
+
+
 def our_server_command(repository: Path, extra: list[str] = (), http: bool = True) -> list[str]:
-    """`python -m server` on the ports ServerProcess fills in. Without `http` the command
-    names no HTTP port: a checkout from before the HTTP endpoint can serve gRPC."""
+    """`python -m server` on the ports ServerProcess fills in. `http`: the checkout has the
+    HTTP endpoint (see serves_http), which then gets a free port too; an older one is not
+    given the option it would refuse."""
     ports = ["--grpc-port", "{grpc}", "--metrics-port", "{metrics}"] + (["--http-port", "{http}"] if http else [])
     return [sys.executable, "-m", "server", "--model-repository", str(repository), "--host", "127.0.0.1",
             *ports, *extra]

@@ -27,12 +27,13 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from perf_common import DEFAULT_PERF_ANALYZER, ROOT, ServerProcess, our_server_command
+from perf_common import DEFAULT_PERF_ANALYZER, ROOT, ServerProcess, our_server_command, serves_http
 
 # (part, pattern a frame must match), checked from the deepest frame of a sample up; the
 # first frame that matches any pattern names the part. Order matters only within a frame.
@@ -105,7 +106,10 @@ def load(perf_analyzer: Path, protocol: str, address: str, model: str, concurren
 
 
 def profile_model(args, model: str, workdir: Path) -> dict:
-    command = our_server_command(args.model_repository, args.server_flag, http=args.protocol == "http")
+    http = serves_http(args.ours_root)
+    if args.protocol == "http" and not http:
+        sys.exit(f"profile_server: the server in {args.ours_root} has no HTTP endpoint; profile it over grpc")
+    command = our_server_command(args.model_repository, args.server_flag, http=http)
     server = ServerProcess(command, workdir / f"{model}.log", cwd=args.ours_root)
     stop = threading.Event()
     address = server.http_address if args.protocol == "http" else server.address

@@ -28,11 +28,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from perf_common import DEFAULT_PERF_ANALYZER, ROOT, ServerProcess, our_server_command, run_perf_analyzer
+from perf_common import (
+    DEFAULT_PERF_ANALYZER,
+    ROOT,
+    ServerProcess,
+    our_server_command,
+    run_perf_analyzer,
+    serves_http,
+)
 
 DEFAULT_TRITON = ROOT.parent / "shared" / "tools" / "triton" / "serve"
 SERVERS = ("triton", "before", "ours")
@@ -52,16 +60,19 @@ class Point:
     stable: bool
 
 
-def server_command(name: str, args) -> list[str]:
+def server_command(name: str, args, cwd: Path) -> list[str]:
     if name == "triton":
         return [str(args.triton), str(args.model_repository), "{grpc}", "{http}", "{metrics}"]
+    http = serves_http(cwd)
+    if "http" in args.protocols and not http:
+        sys.exit(f"vs_triton: the server in {cwd} has no HTTP endpoint; measure it with --protocols grpc")
     return our_server_command(args.model_repository, args.server_flag if name == "ours" else args.before_flag,
-                              http="http" in args.protocols)
+                              http=http)
 
 
 def start_server(name: str, args, workdir: Path) -> ServerProcess:
     cwd = {"ours": args.ours_root, "before": args.before_root or ROOT}.get(name, ROOT)
-    return ServerProcess(server_command(name, args), workdir / f"{name}.log", cwd=cwd)
+    return ServerProcess(server_command(name, args, cwd), workdir / f"{name}.log", cwd=cwd)
 
 
 def measure(name: str, server: ServerProcess, protocol: str, model: str, concurrency: int, args,
