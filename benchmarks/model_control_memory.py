@@ -14,7 +14,7 @@ and with `--json` writes the numbers. What would leak is growth that goes on wit
 cycles. Measured here (2 shared cores, one onnxruntime thread), the exported airbench
 member: RSS 76.9 MiB before any load; after cycle 5 about 89 MiB, and from there within
 88-106 MiB up to cycle 200, with no trend (run to run, +-10 MiB).
-The server calls glibc's malloc_trim after each unload (server/model_control.py);
+The server calls glibc's malloc_trim after each unload (server/models/control.py);
 without it the same run wandered between 117 and 171 MiB (freed pages kept by the
 allocator), still without a trend.
 """

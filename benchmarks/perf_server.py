@@ -41,8 +41,8 @@ import numpy as np
 from perf_common import DEFAULT_PERF_ANALYZER, ROOT, ServerProcess, our_server_command, run_perf_analyzer
 
 sys.path.insert(0, str(ROOT))
-from server.repository import load_order, scan_repository  # noqa: E402
-from server.runtime import OnnxModel, SessionSettings  # noqa: E402
+from server.models.repository import load_order, scan_repository  # noqa: E402
+from server.models.runtime import OnnxModel, SessionSettings  # noqa: E402
 
 
 @dataclass

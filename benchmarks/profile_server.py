@@ -41,12 +41,14 @@ PARTS = [
     ("onnxruntime", r"onnxruntime|libonnxruntime|Ort|MlasGemm|mlas"),
     ("protobuf decode/encode", r"google/protobuf|upb_|_message\.|Serialize|Parse|protobuf"),
     ("numpy copies and views", r"numpy/|_multiarray_umath|PyArray_|npy_"),
-    ("metrics and statistics", r"prometheus_client/|server/metrics\.py|server/statistics\.py"),
-    ("batcher", r"server/batcher\.py|server/ensemble\.py"),
+    # Each server path in both layouts: flat (before 2026-12) and subpackages (a before-checkout may be either).
+    ("metrics and statistics", r"prometheus_client/|server/(observability/)?(metrics|statistics)\.py"),
+    ("batcher", r"server/(scheduling/)?batcher\.py|server/(models/)?ensemble\.py"),
     ("event loop and thread hops", r"threading\.py|concurrent/futures|asyncio/|_asynciomodule|futex|pthread_cond|"
                                    r"sem_wait|sem_post|eventfd|PyThread_acquire_lock|PyThread_release_lock|take_gil|drop_gil"),
-    ("our request code (servicer, codec)", r"server/servicer\.py|server/service\.py|server/request_codec\.py|"
-                                           r"server/http|server/scheduling\.py"),
+    ("our request code (servicer, codec)", r"server/(transport/grpc_)?servicer\.py|server/(inference/)?service\.py|"
+                                           r"server/(inference/)?request_codec\.py|server/(transport/)?http|"
+                                           r"server/scheduling(\.py|/steps\.py)"),
     ("HTTP and JSON (uvicorn, httptools, json)", r"uvicorn/|httptools|json/|_json"),
     ("grpc C-core and its Python layer", r"grpc|cygrpc|libgrpc|epoll|tcp_|chttp2|absl|sendmsg|recvmsg|recv \(|sock_"),
 ]

@@ -26,7 +26,7 @@ cancel leaves native memory behind (grpc/grpc#43360; tracemalloc sees no Python 
 benchmarks/bare_grpc_server.py, with none of our code, grows the same way). Our server on
 grpc.aio grew 15 % in this 5-minute soak, 100-400 bytes per expired or cancelled request
 even when it answered before the deadline. That is why it runs gRPC's thread-pool server
-(server/app.py), which stays flat (+1.8 % after warm-up, 575 k requests).
+(server/process/app.py), which stays flat (+1.8 % after warm-up, 575 k requests).
 Exit status 1 when an acceptance check fails (unexpected errors, RSS growth >= 10%,
 pending requests left).
 """

@@ -1,7 +1,7 @@
 """`client`: evaluate, query and inspect a model served over the KServe v2 / Triton protocol.
 
 gRPC by default (--url HOST:PORT); HTTP/REST when --url is an http:// or https:// URL
-(client/transport.py picks the transport; the reports are the same).
+(client/connect.py picks the transport; the reports are the same).
 
 Works against any server speaking the protocol (ours, Triton, KServe): it reads the
 model's metadata first and refuses, with one clear line, data that does not fit.
@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from client.transport import ClientError, connect
+from client.connect import connect
 from client.security import security_options
+from client.transport import ClientError
 from ensemble_serving.datasets import DATASET_NAMES, DatasetError, load_dataset
 
 DEFAULT_URL = "localhost:8001"

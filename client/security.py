@@ -1,4 +1,4 @@
-"""The client's side of server/security.py: TLS, mutual TLS and a bearer token.
+"""The client's side of server/transport/security.py: TLS, mutual TLS and a bearer token.
 
 `ClientSecurity` holds what the user asked for; `open_channel(target, security)`
 turns it into a gRPC channel (secure or not) that sends the token on every call;

@@ -5,7 +5,7 @@ evaluate, predict and status talk to a `Transport`. Two implement it:
   client/connection.py       GrpcConnection  HOST:PORT (the default; Triton's port 8001)
   client/http_connection.py  HttpConnection  http://HOST:PORT or https://HOST:PORT (port 8000)
 
-`connect(url, ...)` picks one from the URL's scheme. A transport implements the few
+`connect(url, ...)` (client/connect.py) picks one from the URL's scheme. A transport implements the few
 protocol calls below (each raising a one-line `ClientError`); the checks made before
 sending data (is the model there, is it ready, is it an image classifier) are written
 once, here, on top of them, so both protocols give the same messages.
@@ -19,8 +19,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-
-from client.security import PLAINTEXT, ClientSecurity
 
 DEFAULT_PROBE_TIMEOUT_S = 10.0
 HTTP_SCHEMES = ("http://", "https://")
@@ -203,17 +201,6 @@ class Transport(abc.ABC):
         self.check_model_ready(name, version)
         model = image_model_from_metadata(self.model_metadata(name, version), version)
         return dataclasses.replace(model, max_batch_size=self.max_batch_size(name, version))
-
-
-def connect(url: str, timeout_s: float = DEFAULT_PROBE_TIMEOUT_S, security: ClientSecurity = PLAINTEXT) -> Transport:
-    """HTTP/REST for http:// and https:// URLs, gRPC for anything else (HOST:PORT, grpc://HOST:PORT)."""
-    if url.startswith(HTTP_SCHEMES):
-        from client.http_connection import HttpConnection
-
-        return HttpConnection(url, timeout_s=timeout_s, security=security)
-    from client.connection import GrpcConnection
-
-    return GrpcConnection(url, timeout_s=timeout_s, security=security)
 
 
 # --------------------------------------------------------------------------- reading metadata

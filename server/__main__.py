@@ -1,5 +1,5 @@
 """`python -m server` runs the `server` command."""
 
-from server.cli import main
+from server.process.cli import main
 
 main(prog_name="server")

@@ -20,7 +20,7 @@ ENV_PREFIX = "ENSEMBLE_SERVER_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")  # Triton's --model-control-mode
-QUEUE_DELAY_RULES = ("adaptive", "triton")  # server/batcher.py: when a batch waits for more requests
+QUEUE_DELAY_RULES = ("adaptive", "triton")  # server/scheduling/batcher.py: when a batch waits for more requests
 
 # When a config.pbtxt leaves max_queue_size at 0 ("unbounded" in Triton) we still bound
 # the queue, so that an overload answers RESOURCE_EXHAUSTED instead of growing memory.
@@ -48,8 +48,8 @@ class ServerSettings:
     dynamic_batching: bool = True
     queue_delay: str = "adaptive"
     grace_period_s: float = 30.0
-    workers: int = 1  # server processes sharing the ports (server/workers.py)
-    # Reliability and security (server/security.py); all off by default.
+    workers: int = 1  # server processes sharing the ports (server/process/workers.py)
+    # Reliability and security (server/transport/security.py); all off by default.
     strict: bool = False  # a model that fails to load fails the start-up
     metrics_host: str | None = None  # None: the same as `host`
     max_concurrent_rpcs: int | None = None  # None: unbounded
@@ -57,7 +57,7 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_tokens_file: Path | None = None
-    # Model control (server/model_control.py): Triton's modes, flags and defaults.
+    # Model control (server/models/control.py): Triton's modes, flags and defaults.
     model_control_mode: str = "none"
     repository_poll_secs: float = 15.0
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start-up ("*": all)
@@ -146,7 +146,7 @@ settings_options: list[Callable] = [
                  "machines with more cores than one Python process can keep busy. /metrics, "
                  "ModelStatistics and the SIGTERM drain cover every worker. Not with "
                  "--model-control-mode explicit (a load call would reach one worker only)."),
-    # -- reliability and security (server/security.py) --
+    # -- reliability and security (server/transport/security.py) --
     _option("--strict/--no-strict", "strict", show_default=True,
             help="A model that fails to load (corrupt ONNX, bad config.pbtxt, missing version folder) "
                  "stops the start-up. Default: it is logged, counted in "
@@ -171,7 +171,7 @@ settings_options: list[Callable] = [
                  "(others get UNAUTHENTICATED). The file holds one token per line ('#' comments). "
                  "Tokens can also come, comma-separated, from $ENSEMBLE_SERVER_AUTH_TOKENS. "
                  "Use with TLS: in plaintext tokens can be read off the network."),
-    # -- model control (server/model_control.py) --
+    # -- model control (server/models/control.py) --
     _option("--model-control-mode", type=click.Choice(MODEL_CONTROL_MODES), show_default=True,
             help="none: load the models at start-up, then never change them. poll: also watch the repository "
                  "every --repository-poll-secs and load, reload or unload what changed. explicit: load only "

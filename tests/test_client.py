@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from client.cli import main
-from client.transport import connect
+from client.connect import connect
 from client.evaluate import stream_probabilities
 from tests.support import known_answer as known
 from tests.support.servers import ROOT, free_port

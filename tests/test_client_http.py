@@ -16,15 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from client.connect import connect
 from client.http_connection import HttpConnection
 from client.http_inference import HEADER_LENGTH, infer_request, output_array
 from client.predict import predict_images
 from client.security import ClientSecurity
-from client.transport import ClientError, ServerError, connect
+from client.transport import ClientError, ServerError
 from tests.support.client_models import MNIST_MODEL
 from tests.support.servers import free_port
-
-
 
 # --------------------------------------------------------------------------- wire encoding
 

@@ -14,9 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from client.cli import main
+from client.connect import connect
 from client.evaluate import stream_probabilities
 from client.security import ClientSecurity
-from client.transport import ClientError, connect
+from client.transport import ClientError
 from tests.support import known_answer as known
 from tests.support.security import TOKEN, pki  # noqa: F401, F811 (pki is a fixture)
 from tests.support.servers import ROOT, wait_until

@@ -21,8 +21,9 @@ import pytest
 from click.testing import CliRunner
 
 from client.cli import main
+from client.connect import connect
 from client.evaluate import stream_probabilities
-from client.transport import ClientError, connect
+from client.transport import ClientError
 from tests.support import known_answer as known
 from tests.support.servers import ROOT, free_port
 

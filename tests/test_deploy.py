@@ -318,7 +318,7 @@ def test_compose_wiring():
 def exported_metric_names() -> set[str]:
     """Every sample name the server can put on /metrics, from its real registry."""
     pytest.importorskip("prometheus_client")
-    from server.metrics import ServerMetrics
+    from server.observability.metrics import ServerMetrics
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     return {family.name + suffix for family in ServerMetrics().registry.collect()
@@ -337,7 +337,7 @@ def test_dashboard_queries_use_metrics_the_server_exports():
     for query in queries:
         used = set(re.findall(r"\bensemble_server_\w+", query))
         assert used, f"a query on none of the server's metrics: {query}"
-        assert used <= exported, f"not exported by server/metrics.py: {sorted(used - exported)} in {query}"
+        assert used <= exported, f"not exported by server/observability/metrics.py: {sorted(used - exported)} in {query}"
 
 
 def test_dashboard_queries_are_valid_promql():

@@ -104,7 +104,7 @@ def test_dockerignore_keeps_the_context_small_but_complete():
             if keyword == "COPY" and not args.startswith("--from"):
                 for source in shlex.split(args)[:-1]:
                     assert dockerignore_allows(source, patterns), f"{path.name} copies {source}, .dockerignore drops it"
-    assert dockerignore_allows("server/cli.py", patterns)
+    assert dockerignore_allows("server/process/cli.py", patterns)
 
 
 # ---------------------------------------------------------------------------------------

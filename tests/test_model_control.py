@@ -1,4 +1,4 @@
-"""Model control (server/model_control.py): versions published into a live repository,
+"""Model control (server/models/control.py): versions published into a live repository,
 picked up by poll mode or an explicit load, old versions unloaded, failed loads, while
 client threads infer without pause; every answer is checked.
 
@@ -28,9 +28,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ensemble_serving.model_config import load_model_config
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from server.repository import read_model
-from server.scheduling import run_blocking
-from server.warmup import warmup_inputs
+from server.models.repository import read_model
+from server.models.warmup import warmup_inputs
+from server.scheduling.steps import run_blocking
 from tests.support.metrics import metric, scrape
 from tests.support.requests import infer_request, probabilities
 from tests.support.tiny_models import (
@@ -432,10 +432,10 @@ def test_unload_releases_the_session_batcher_and_threads(repository):
     """In-process: after unload nothing (registry, ensembles, metrics callbacks, stats,
     threads) keeps the version's objects alive."""
     from server.config import ServerSettings
-    from server.metrics import ServerMetrics
-    from server.model_control import ModelController
-    from server.registry import ModelRegistry
-    from server.repository import scan_repository
+    from server.models.control import ModelController
+    from server.models.registry import ModelRegistry
+    from server.models.repository import scan_repository
+    from server.observability.metrics import ServerMetrics
 
     settings = ServerSettings(model_repository=repository, model_control_mode="explicit",
                               intra_op_threads=1, inter_op_threads=1)  # fmt: skip
@@ -481,9 +481,9 @@ def test_fifty_load_unload_cycles_of_a_cifar_size_model_settle(tmp_path, capsys)
 # The pieces that make a switch lossless
 # ---------------------------------------------------------------------------------------
 def _slow_batcher(delay_s: float = 0.05):
-    from server.batcher import BatchingPolicy, DynamicBatcher
-    from server.metrics import ServerMetrics
-    from server.statistics import ModelStats
+    from server.observability.metrics import ServerMetrics
+    from server.observability.statistics import ModelStats
+    from server.scheduling.batcher import BatchingPolicy, DynamicBatcher
 
     def run(inputs):
         time.sleep(delay_s)
@@ -505,7 +505,7 @@ def test_draining_close_answers_every_queued_request():
 
 
 def test_retire_waits_for_the_last_lease_and_lookups_move_on():
-    from server.registry import LoadedModel, ModelRegistry
+    from server.models.registry import LoadedModel, ModelRegistry
 
     registry = ModelRegistry()
     spec = SimpleNamespace(name="m", is_ensemble=False)

@@ -1,4 +1,4 @@
-"""TLS, mutual TLS and bearer tokens: server/security.py and client/security.py.
+"""TLS, mutual TLS and bearer tokens: server/transport/security.py and client/security.py.
 
 The unit part runs a real gRPC thread-pool server on a free port (in this process)
 with a minimal ServerLive servicer and the standard health service, so the
@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from client.security import ClientSecurity, SecurityError, open_channel, security_options
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
-from server.security import (
+from server.transport.security import (
     BearerTokenInterceptor,
     SecurityConfigError,
     TokenCheck,
@@ -33,6 +33,7 @@ from server.security import (
 )
 from tests.support.aio_client import open_aio_channel
 from tests.support.security import OTHER_TOKEN, TOKEN, pki, rpc_code  # noqa: F401 (pki is a fixture)
+
 
 class _LiveOnly(pb_grpc.GRPCInferenceServiceServicer):
     def ServerLive(self, request, context):

@@ -2,7 +2,7 @@
 
 `server` subprocesses started with the security flags, driven by our stubs, by our
 client's command line and by tritonclient (in its own process; see the team brief).
-The in-process unit tests of server/security.py and client/security.py are test_security.py.
+The in-process unit tests of server/transport/security.py and client/security.py are test_security.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from server.http_app import HttpApp
+from server.transport.http_app import HttpApp
 from tests.support.http import HEADER_LENGTH, binary_infer_body, call, infer, json_infer_body
 from tests.support.metrics import metric, scrape
 from tests.support.requests import infer_request, probabilities

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from server import cli
-from server.runtime import cuda_available
-from tests.support.servers import ROOT, free_port, server_command
+from server.process import cli
+from server.models.runtime import cuda_available
 from tests.support.requests import infer_request, probabilities
+from tests.support.servers import ROOT, free_port, server_command
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(start_server, tiny_repository):
@@ -94,7 +94,7 @@ def test_port_in_use_is_a_startup_error(tiny_repository):
 
 
 def test_server_never_imports_torch():
-    code = "import sys, server.cli; sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
+    code = "import sys, server.process.cli; sys.exit(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
 
 

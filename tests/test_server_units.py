@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from server.batcher import BatchingPolicy, CallScope, DynamicBatcher
-from server.config import ServerSettings
-from server.metrics import ServerMetrics
 from ensemble_serving.tensors import serialize_bytes
-from server.request_codec import InferenceError, classify, decode_request, encode_response, from_grpc, to_grpc
-from server.registry import batching_policy
-from server.repository import RepositoryError, load_order, scan_repository
-from server.runtime import DeviceError, choose_providers, cuda_available
-from server.scheduling import run_blocking
-from server.statistics import ModelStats
+from server.config import ServerSettings
+from server.inference.request_codec import InferenceError, classify, decode_request, encode_response, from_grpc, to_grpc
+from server.models.loading import batching_policy
+from server.models.repository import RepositoryError, load_order, scan_repository
+from server.models.runtime import DeviceError, choose_providers, cuda_available
+from server.observability.metrics import ServerMetrics
+from server.observability.statistics import ModelStats
+from server.scheduling.batcher import BatchingPolicy, CallScope, DynamicBatcher
+from server.scheduling.steps import run_blocking
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_broken_repository_is_refused_with_the_model_named(repository_copy, tiny
 
 
 def test_onnx_graph_must_match_config(repository_copy, tiny_repository):
-    from server.runtime import OnnxModel, SessionSettings
+    from server.models.runtime import OnnxModel, SessionSettings
 
     member = tiny_repository.members[0]
     _edit_config(repository_copy / member / "config.pbtxt", "dims: 10", "dims: 11")
@@ -111,7 +111,7 @@ def test_config_parameters_tune_the_session_as_in_triton(tmp_path):
     override the server-wide flags for that model only."""
     import onnxruntime as ort
 
-    from server.runtime import OnnxModel, SessionSettings
+    from server.models.runtime import OnnxModel, SessionSettings
     from tests.support.tiny_models import write_member_model
 
     write_member_model(tmp_path, "tuned", seed=0, config_extra=SESSION_PARAMETERS)
@@ -134,7 +134,7 @@ def test_config_parameters_tune_the_session_as_in_triton(tmp_path):
     ("enable_mem_pattern", "maybe", "true or false"),
 ])
 def test_a_bad_session_parameter_fails_the_load_naming_it(tmp_path, key, value, expected):
-    from server.runtime import OnnxModel, SessionSettings
+    from server.models.runtime import OnnxModel, SessionSettings
     from tests.support.tiny_models import write_member_model
 
     write_member_model(tmp_path, "m", seed=0,

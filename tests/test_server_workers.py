@@ -14,7 +14,7 @@ import requests
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
-from server.statistics import merge_statistics
+from server.observability.statistics import merge_statistics
 from tests.support.requests import infer_request, probabilities
 from tests.support.servers import ROOT, free_port, server_command, wait_until
 

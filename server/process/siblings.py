@@ -3,7 +3,7 @@
 A statistics request reaches one worker (whichever holds the client's connection). That
 worker asks each sibling over the sibling's private Unix socket (in the supervisor's 0700
 runtime directory) for its own counters only, marked with the workers' shared secret,
-and adds them up (server/statistics.py: merge_statistics). A sibling without the model
+and adds them up (server/observability/statistics.py: merge_statistics). A sibling without the model
 (still loading it) adds nothing; a sibling that does not answer fails the request with
 UNAVAILABLE rather than let it report part of the server as the whole.
 """
@@ -16,9 +16,9 @@ import grpc
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
-from server.request_codec import InferenceError
-from server.security import SIBLING_METADATA_KEY, from_sibling
-from server.workers import WorkerRole
+from server.errors import InferenceError
+from server.process.worker_role import WorkerRole
+from server.transport.security import SIBLING_METADATA_KEY, from_sibling
 
 SIBLING_TIMEOUT_S = 5.0
 

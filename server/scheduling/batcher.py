@@ -33,18 +33,26 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Callable
 
 import grpc
 import numpy as np
 
-from server.metrics import ModelMetrics
-from server.request_codec import InferenceError, Tensors
-from server.scheduling import Steps
-from server.statistics import ModelStats
+from server.errors import InferenceError
+from server.observability.metrics import ModelMetrics
+from server.observability.statistics import ModelStats
 
 log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]  # a request's or a batch's tensors, by name
+
+# How a request travels through batchers (server/scheduling/steps.py drives it): a generator
+# that yields the (batcher, ticket) pairs to wait for, is sent their outputs in that order,
+# and returns the request's outputs.
+Steps = Generator[list[tuple["DynamicBatcher", "Ticket"]], list[Tensors], Tensors]
+
 
 @dataclass(frozen=True)
 class BatchingPolicy:

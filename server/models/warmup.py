@@ -18,8 +18,8 @@ import numpy as np
 
 from ensemble_serving.model_config import ModelConfigError, datatype_name
 from ensemble_serving.tensors import NUMPY_DTYPES
-from server.repository import ModelSpec, RepositoryError, inside_model_folder
-from server.runtime import OnnxModel
+from server.models.repository import ModelSpec, RepositoryError, inside_model_folder
+from server.models.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
 

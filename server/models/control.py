@@ -13,13 +13,13 @@ Triton's three modes (--model-control-mode), with its names and semantics:
 
 A (re)load never interrupts service. The versions to serve (config.pbtxt's
 version_policy) are built beside the ones serving: sessions created and warmed up
-(server/warmup.py). Then the registry switches to them in one assignment, and the
+(server/models/warmup.py). Then the registry switches to them in one assignment, and the
 versions left out retire: they refuse new leases, finish every request that holds one
 (in flight or queued), close their batcher, and drop their metrics series. A load that
 fails changes nothing that serves; the reason goes to the log, to
 ensemble_server_model_loads_total{outcome="failure"} and to the index.
 
-Ensembles find their members in the registry at each request (server/ensemble.py), so
+Ensembles find their members in the registry at each request (server/models/ensemble.py), so
 a reloaded member is picked up at once; an unloaded member makes its ensembles
 unavailable, with the reason in the index, until it is back (or `unload_dependents`
 unloads them too).
@@ -32,7 +32,6 @@ translate. Changes happen one at a time, under one lock, as in Triton.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import tempfile
 import threading
@@ -42,14 +41,15 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
-from google.protobuf import json_format
 
-from ensemble_serving.model_config import CONFIG_FILENAME, ModelConfig, save_model_config
+from ensemble_serving.model_config import CONFIG_FILENAME, ModelConfig
 from server.config import ServerSettings
-from server.metrics import ServerMetrics
-from server.registry import LoadedModel, ModelRegistry, build_version, load_failure_reason
-from server.repository import Repository, RepositoryError, check_ensemble, inside_model_folder, read_model
-from server.request_codec import InferenceError
+from server.errors import InferenceError
+from server.models.loading import build_version, load_failure_reason
+from server.models.model_files import check_name, folder_fingerprint, parse_config, version_fingerprint, write_files
+from server.models.registry import LoadedModel, ModelRegistry
+from server.models.repository import Repository, RepositoryError, check_ensemble, inside_model_folder, read_model
+from server.observability.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ModelController:
         """Record what start-up loaded and why the others did not; start polling in poll mode."""
         with self._changing:
             for model in self._registry:
-                model.fingerprint = _version_fingerprint(model.spec.directory, model.version)
+                model.fingerprint = version_fingerprint(model.spec.directory, model.version)
                 self._set(model.spec.name, model.version, READY)
             for name in self._registry.names():
                 self._count_load(name, "success")
@@ -103,7 +103,7 @@ class ModelController:
         if self.mode == "poll":
             if self._settings.models:  # --model: watch those (and the members they brought), not the rest
                 self._watched = {*self._settings.models, *self._registry.names()}
-            self._seen = {name: _folder_fingerprint(self._root / name) for name in self._poll_folders()}
+            self._seen = {name: folder_fingerprint(self._root / name) for name in self._poll_folders()}
             self._poller = threading.Thread(target=self._poll_loop, name="repository-poll", daemon=True)
             self._poller.start()
             log.info("polling %s every %.1f s for model changes", self._root, self._settings.repository_poll_secs)
@@ -120,15 +120,15 @@ class ModelController:
         `config_json` (a ModelConfig in JSON) replaces config.pbtxt; `files`
         ({path in the model folder: bytes}, needs `config_json`) replace the folder."""
         self._require_explicit_mode()
-        _check_name(name, "load")
-        override = _parse_config(name, config_json) if config_json is not None else None
+        check_name(name, "load")
+        override = parse_config(name, config_json) if config_json is not None else None
         if files and override is None:
             raise InferenceError(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"failed to load {name!r}: model files need a 'config' parameter too")
         with self._changing:
             if files:
                 with tempfile.TemporaryDirectory(prefix="ensemble-server-load-") as scratch:
-                    directory = _write_files(Path(scratch) / name, files, override)
+                    directory = write_files(Path(scratch) / name, files, override)
                     self._apply(name, directory, override, force=True)
             else:
                 self._load_with_members(name, override)
@@ -139,7 +139,7 @@ class ModelController:
         `unload_dependents`, the ensembles that use it too. Without, those ensembles stay
         loaded but unavailable until `name` is back."""
         self._require_explicit_mode()
-        _check_name(name, "unload")
+        check_name(name, "unload")
         with self._changing:
             if name not in self._registry.names() and not (self._root / name).is_dir():
                 raise InferenceError(grpc.StatusCode.NOT_FOUND, f"failed to unload {name!r}: no such model "
@@ -193,7 +193,7 @@ class ModelController:
         wanted: dict[str, LoadedModel] = {}
         built: list[LoadedModel] = []
         for version in spec.versions:
-            fingerprint = _version_fingerprint(directory, version) + ("+override" if override else "")
+            fingerprint = version_fingerprint(directory, version) + ("+override" if override else "")
             old = current.get(version)
             if old is not None and not force and old.fingerprint == fingerprint:
                 wanted[version] = old
@@ -298,7 +298,7 @@ class ModelController:
         """Load what is new, reload what changed, unload what was removed (members before
         ensembles, so that an ensemble checks against its members' new versions)."""
         with self._changing:
-            now = {name: _folder_fingerprint(self._root / name) for name in self._poll_folders()}
+            now = {name: folder_fingerprint(self._root / name) for name in self._poll_folders()}
             for name in sorted(set(self._seen) - set(now)):
                 if self._registry.versions(name):
                     self._unload(name)
@@ -379,39 +379,6 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
-def _check_name(name: str, action: str) -> None:
-    """A model name is one folder of the repository: never a path out of it."""
-    if not name or name.startswith(".") or "/" in name or "\\" in name:
-        raise InferenceError(grpc.StatusCode.NOT_FOUND, f"failed to {action} {name!r}: not a model name")
-
-
-def _parse_config(name: str, text: str) -> ModelConfig:
-    """A load request's `config` parameter: a ModelConfig in JSON, as Triton takes it."""
-    config = ModelConfig()
-    try:
-        json_format.Parse(text, config)
-    except json_format.ParseError as error:
-        raise InferenceError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"failed to load {name!r}: the 'config' parameter is not a ModelConfig in JSON: "
-                             f"{error}") from None
-    return config
-
-
-def _write_files(directory: Path, files: dict[str, bytes], config: ModelConfig) -> Path:
-    """A load request's model files, in a scratch model folder (with its config)."""
-    directory.mkdir(parents=True)
-    for relative, data in files.items():
-        path = directory / relative
-        try:
-            inside_model_folder(path, directory, "file", directory.name)
-        except RepositoryError as error:
-            raise InferenceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    save_model_config(config, directory / CONFIG_FILENAME)
-    return directory
-
-
 def _rebind_pending(models) -> None:
     """Point each served batcher's pending-requests gauge back at it (a reload of the
     same version number shares the gauge with the build that replaced or failed it)."""
@@ -424,31 +391,3 @@ def _rebind_pending(models) -> None:
 def _version_key(item) -> tuple[int, str]:
     version = item[0]
     return (int(version), "") if version.isdigit() else (-1, version)
-
-
-def _files_fingerprint(paths: list[Path], root: Path) -> str:
-    digest = hashlib.sha1()
-    for path in sorted(paths):
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _shared_files(directory: Path) -> list[Path]:
-    """The model folder's files outside its version folders (config.pbtxt, labels, warmup/)."""
-    return [path for path in directory.rglob("*") if path.is_file()
-            and not path.relative_to(directory).parts[0].isdigit()]  # fmt: skip
-
-
-def _version_fingerprint(directory: Path, version: str) -> str:
-    """What a loaded version depends on: the shared files and its own version folder."""
-    version_files = [path for path in (directory / version).rglob("*") if path.is_file()]
-    return _files_fingerprint(_shared_files(directory) + version_files, directory)
-
-
-def _folder_fingerprint(directory: Path) -> str:
-    return _files_fingerprint([path for path in directory.rglob("*") if path.is_file()], directory)
-

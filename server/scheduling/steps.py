@@ -18,18 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Generator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import grpc
 
-from server.request_codec import InferenceError, Tensors
-
-if TYPE_CHECKING:
-    from server.batcher import CallScope, DynamicBatcher, Ticket
-
-# Yields the (batcher, ticket) pairs to wait for; is sent their outputs, in that order.
-Steps = Generator[list[tuple["DynamicBatcher", "Ticket"]], list[Tensors], Tensors]
+from server.errors import InferenceError
+from server.scheduling.batcher import CallScope, DynamicBatcher, Steps, Tensors, Ticket
 
 
 class Scheduler(Protocol):

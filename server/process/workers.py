@@ -11,7 +11,7 @@ What stays one server across the workers:
                multiprocess mode: the workers write their values to files in a private
                directory, the supervisor reads them at scrape time);
   statistics   a worker asked for ModelStatistics (gRPC or HTTP) adds its siblings' counters,
-               asked over their private Unix sockets (server/siblings.py);
+               asked over their private Unix sockets (server/process/siblings.py);
   SIGTERM      the supervisor passes it to every worker; each drains its requests in flight
                as a single server does; the supervisor exits 0 when all of them did.
 A worker that dies stops the others: the supervisor exits non-zero, for the orchestrator
@@ -37,7 +37,11 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 from pathlib import Path
 
-log = logging.getLogger("server.workers")
+from server.process.app import StartupError, check_startup
+from server.process.run import configure_logging, run_server
+from server.process.worker_role import WorkerRole
+
+log = logging.getLogger("server.process.workers")
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 WORKER_STOP_TIMEOUT_S = 10.0  # beyond the grace period, before a worker that will not stop is killed
@@ -45,28 +49,6 @@ WORKER_STOP_TIMEOUT_S = 10.0  # beyond the grace period, before a worker that wi
 
 class WorkersError(Exception):
     """The workers cannot start: the message says why."""
-
-
-@dataclass(frozen=True)
-class WorkerRole:
-    """What makes one server process a worker among `count`."""
-
-    index: int  # 1..count
-    count: int
-    runtime_dir: Path  # private (0700): the sibling sockets and the metrics files
-    secret: str  # proves a call comes from a sibling worker
-
-    @staticmethod
-    def socket_path(runtime_dir: Path, index: int) -> Path:
-        return runtime_dir / f"worker-{index}.sock"
-
-    @property
-    def own_socket(self) -> Path:
-        return self.socket_path(self.runtime_dir, self.index)
-
-    @property
-    def sibling_sockets(self) -> dict[int, Path]:
-        return {i: self.socket_path(self.runtime_dir, i) for i in range(1, self.count + 1) if i != self.index}
 
 
 def check_workers_settings(settings) -> None:
@@ -78,12 +60,10 @@ def check_workers_settings(settings) -> None:
 # -- the supervisor ----------------------------------------------------------------------------
 def supervise(settings) -> int:
     """Run `settings.workers` workers until they stop; the exit status for the command."""
-    from server.app import StartupError, check_startup  # the worker's own start-up checks, run once here
-
     with contextlib.ExitStack() as cleanup:
         try:
             check_workers_settings(settings)
-            check_startup(settings)
+            check_startup(settings)  # the workers' own start-up checks, run once here
             reserved = _reserve_ports(settings)
             cleanup.callback(reserved.close)
             runtime_dir = _make_runtime_dir()
@@ -252,8 +232,6 @@ def _stop_all(workers: list, grace_period_s: float) -> None:
 # -- one worker --------------------------------------------------------------------------------
 def worker_main(settings, role: WorkerRole) -> None:
     """The entry point of a worker process (spawned: it imports everything afresh)."""
-    from server.cli import configure_logging, run_server
-
     _die_with_parent()
     configure_logging(settings, f"worker-{role.index}")
     os.setpgid(0, 0)  # out of the terminal's process group: Ctrl-C reaches the supervisor, which passes it on

@@ -1,4 +1,4 @@
-"""Serve the HTTP/REST endpoint (server.http_app) with uvicorn, on the server's event loop.
+"""Serve the HTTP/REST endpoint (server.transport.http_app) with uvicorn, on the server's event loop.
 
 uvicorn with httptools and uvloop was chosen by measurement (benchmarks/bare_http_server.py:
 the bare libraries answering perf_analyzer on this project's 2-core machine, MNIST-size
@@ -21,7 +21,7 @@ import ssl
 import uvicorn
 
 from server.config import ServerSettings
-from server.http_app import HttpApp
+from server.transport.http_app import HttpApp
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ histograms) and carry `model` and `version` labels:
   ensemble_server_unauthenticated_requests_total{reason}  calls refused for a missing or invalid
                                                      bearer token (--auth-tokens-file)
 
-With `--workers N` (server/workers.py) every worker writes its values to files
+With `--workers N` (server/process/workers.py) every worker writes its values to files
 (prometheus_client's multiprocess mode) and the supervisor serves their sum: counters and
 histograms add up, the pending gauge too, and the others take the live workers' maximum
 (ready: their minimum). The pending gauge is then sampled once a second, and an unloaded
@@ -172,7 +172,7 @@ class ServerMetrics:
         self.load_failures = Counter(f"{PREFIX}_model_load_failures",
                                      "Models that failed to load (the reason is in the log and RepositoryIndex).",
                                      ("model",), **kwargs)
-        # Model control (server/model_control.py).
+        # Model control (server/models/control.py).
         self.model_loads = Counter(f"{PREFIX}_model_loads", "Model loads and reloads by outcome (success, failure).",
                                    ("model", "outcome"), **kwargs)
         self.model_unloads = Counter(f"{PREFIX}_model_unloads", "Model unloads by outcome (success, failure).",

@@ -1,7 +1,7 @@
 """ModelInfer requests in, responses out: decoding, validation and encoding.
 
 Both transports read a request into the same `WireRequest` (gRPC's message through
-`from_grpc`, HTTP's JSON in server.http_codec), and one decoder checks it against the
+`from_grpc`, HTTP's JSON in server.transport.http_codec), and one decoder checks it against the
 model's config and turns each input into a numpy array: raw bytes with np.frombuffer (no
 copy), gRPC's typed `contents` with np.fromiter. Any mismatch raises `InferenceError` with
 the gRPC status to answer and a one-line message naming what was received and what was
@@ -21,31 +21,17 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import grpc
 import numpy as np
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.tensors import CONTENTS_DTYPES, CONTENTS_FIELD, serialize_bytes
-from server.repository import ModelSpec, TensorSpec
-
-Tensors = dict[str, np.ndarray]
+from server.errors import InferenceError, invalid
+from server.models.repository import ModelSpec, TensorSpec
+from server.scheduling.batcher import Tensors
 
 # The output parameter asking for top-k classes: "classification" is what Triton and
 # tritonclient (InferRequestedOutput(name, class_count=k)) send; "class_count" is accepted too.
 CLASSIFICATION_PARAMETERS = ("classification", "class_count")
-
-
-class InferenceError(Exception):
-    """A request that cannot be served; `code` is the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> InferenceError:
-    return InferenceError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 class RequestedOutput(NamedTuple):  # NamedTuples here: made on every request, and cheaper than frozen dataclasses

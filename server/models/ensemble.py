@@ -13,18 +13,14 @@ replace or unload them without rebuilding the ensemble.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import grpc
 
-from server.batcher import CallScope, DynamicBatcher
-from server.repository import ModelSpec
-from server.request_codec import InferenceError, Tensors
-from server.scheduling import Steps
-from server.statistics import ModelStats
-
-if TYPE_CHECKING:
-    from server.registry import ModelRegistry
+from server.errors import InferenceError
+from server.models.registry import ModelRegistry
+from server.models.repository import ModelSpec
+from server.observability.statistics import ModelStats
+from server.scheduling.batcher import CallScope, DynamicBatcher, Steps, Tensors
 
 
 def _waves(spec: ModelSpec) -> list[list[int]]:
@@ -51,7 +47,7 @@ class EnsembleScheduler:
     is back. Each request leases its members for its whole run, so that a member
     version replaced meanwhile finishes this request first."""
 
-    def __init__(self, spec: ModelSpec, registry: "ModelRegistry", stats: ModelStats):
+    def __init__(self, spec: ModelSpec, registry: ModelRegistry, stats: ModelStats):
         self.spec = spec
         self._registry = registry
         self._waves = _waves(spec)

@@ -10,7 +10,7 @@
     POST /v2/repository/models/{m}/load | /unload             model control (--model-control-mode explicit)
 
 Every answer comes from the same `InferenceService` as gRPC's, on the event loop:
-inference waits for its batch without a thread of its own (server.scheduling.run_async),
+inference waits for its batch without a thread of its own (server.scheduling.steps.run_async),
 in the same batchers as gRPC requests. An `InferenceError` becomes JSON
 `{"error": "..."}` with Triton's status for its code (`STATUS`); a body that is too large
 (413), in an unsupported Content-Encoding (415) or too slow to arrive (408) is refused
@@ -34,8 +34,11 @@ import grpc
 import orjson
 from google.protobuf.message import Message
 
-from server.batcher import CallScope
-from server.http_codec import (
+from server.errors import InferenceError, invalid
+from server.inference.service import InferenceService
+from server.models.control import FILE_PARAMETER_PREFIX
+from server.scheduling.batcher import CallScope
+from server.transport.http_codec import (
     BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
     JSON_CONTENT_TYPE,
@@ -47,10 +50,7 @@ from server.http_codec import (
     message_json,
     parse_json_object,
 )
-from server.model_control import FILE_PARAMETER_PREFIX
-from server.request_codec import InferenceError, invalid
-from server.security import TokenCheck
-from server.service import InferenceService
+from server.transport.security import TokenCheck
 
 log = logging.getLogger(__name__)
 

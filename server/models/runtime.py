@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ensemble_serving.tensors import ONNX_TYPES
-from server.repository import ModelSpec, RepositoryError, TensorSpec
+from server.models.repository import ModelSpec, RepositoryError, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ exit status 2. A model that fails to load is one too with --strict; without it, 
 model is logged (one line), counted (ensemble_server_model_load_failures_total), shown
 UNAVAILABLE in RepositoryIndex, and the others serve.
 
-After start-up, server/model_control.py changes the models served: never (mode none,
+After start-up, server/models/control.py changes the models served: never (mode none,
 the default), from the repository's changes (poll), or on load / unload calls (explicit).
 """
 
@@ -32,13 +32,11 @@ import grpc
 
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.config import ServerSettings
-from server.health import HealthReporter, enable_reflection
-from server.http_app import HttpApp
-from server.http_server import HttpEndpoint
-from server.metrics import ServerMetrics
-from server.model_control import ModelController
-from server.registry import ModelRegistry, load_models
-from server.repository import (
+from server.inference.service import InferenceService, ServerState
+from server.models.control import ModelController
+from server.models.loading import load_models
+from server.models.registry import ModelRegistry
+from server.models.repository import (
     ModelSpec,
     Repository,
     RepositoryError,
@@ -46,8 +44,15 @@ from server.repository import (
     load_order_skipping_broken,
     scan_repository,
 )
-from server.runtime import DeviceError, choose_providers
-from server.security import (
+from server.models.runtime import DeviceError, choose_providers
+from server.observability.health import HealthReporter, enable_reflection
+from server.observability.metrics import ServerMetrics
+from server.process.siblings import SiblingStatistics
+from server.process.worker_role import WorkerRole
+from server.transport.grpc_servicer import InferenceServicer
+from server.transport.http_app import HttpApp
+from server.transport.http_server import HttpEndpoint
+from server.transport.security import (
     AUTH_TOKENS_ENV,
     BearerTokenInterceptor,
     SecurityConfigError,
@@ -55,10 +60,6 @@ from server.security import (
     load_auth_tokens,
     server_credentials,
 )
-from server.service import InferenceService, ServerState
-from server.servicer import InferenceServicer
-from server.siblings import SiblingStatistics
-from server.workers import WorkerRole
 
 log = logging.getLogger("server")
 

@@ -12,7 +12,7 @@ with the header's length in the `Inference-Header-Content-Length` HTTP header wh
 binary data follows. `infer_request` reads it into the same `WireRequest` as a gRPC
 message (every input raw; binary tensors are views of the body, not copies), so both
 transports share one decoder, one validation and one set of messages
-(server.request_codec); only what is particular to HTTP (JSON that does not parse, `data`
+(server.inference.request_codec); only what is particular to HTTP (JSON that does not parse, `data`
 that does not fit its shape, binary sizes that do not add up) is checked here.
 `infer_response` writes the answer back as JSON, or with the outputs the request asked
 for in binary after the JSON header.
@@ -35,7 +35,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from ensemble_serving.tensors import NUMPY_DTYPES, deserialize_bytes, serialize_bytes
-from server.request_codec import (
+from server.inference.request_codec import (
     CLASSIFICATION_PARAMETERS,
     RequestedOutput,
     WireInput,

@@ -14,15 +14,12 @@ import logging
 import threading
 import time
 from importlib import metadata
+from typing import Protocol
 
 import grpc
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from server.batcher import CallScope
-from server.metrics import ServerMetrics
-from server.model_control import ModelController
-from server.registry import LoadedModel, ModelRegistry
-from server.request_codec import (
+from server.inference.request_codec import (
     DecodedRequest,
     InferenceError,
     WireRequest,
@@ -30,9 +27,12 @@ from server.request_codec import (
     decode_request,
     encode_response,
 )
-from server.scheduling import run_async, run_blocking
-from server.siblings import SiblingStatistics
-from server.statistics import merge_statistics
+from server.models.control import ModelController
+from server.models.registry import LoadedModel, ModelRegistry
+from server.observability.metrics import ServerMetrics
+from server.observability.statistics import merge_statistics
+from server.scheduling.batcher import CallScope
+from server.scheduling.steps import run_async, run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,14 @@ class _AccountedCall:
             self.model.stats.record_failure(int(elapsed * 1e9))
 
 
+class SiblingStatistics(Protocol):
+    """--workers: the other workers' ModelStatistics (server/process/siblings.py asks them)."""
+
+    def asked_by_sibling(self, metadata) -> bool: ...
+
+    def collect(self, name: str, version: str) -> list[pb.ModelStatistics]: ...
+
+
 class InferenceService:
     def __init__(self, state: ServerState, metrics: ServerMetrics, siblings: SiblingStatistics | None = None):
         self.state = state
@@ -177,7 +185,7 @@ class InferenceService:
             stats = merge_statistics(stats + self.siblings.collect(name, version))
         return pb.ModelStatisticsResponse(model_stats=stats)
 
-    # -- model repository (server/model_control.py does the work) -----------------------
+    # -- model repository (server/models/control.py does the work) -----------------------
     def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
         entries = self.state.controller.index(ready_only=ready_only)
         return pb.RepositoryIndexResponse(models=[

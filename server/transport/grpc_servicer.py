@@ -1,6 +1,6 @@
 """The `inference.GRPCInferenceService` implementation (KServe v2 / Triton over gRPC).
 
-A thin adapter over `server.service.InferenceService`: every RPC runs on the gRPC worker
+A thin adapter over `server.inference.service.InferenceService`: every RPC runs on the gRPC worker
 thread that received it, asks the service, and turns an `InferenceError` into the call's
 status with its one-line message. ModelInfer waits for its batch on that same thread.
 Nothing a client sends can take the server down.
@@ -13,10 +13,11 @@ import time
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
-from server.batcher import CallScope
-from server.model_control import FILE_PARAMETER_PREFIX
-from server.request_codec import InferenceError, from_grpc, to_grpc
-from server.service import InferenceService
+from server.errors import InferenceError
+from server.inference.request_codec import from_grpc, to_grpc
+from server.inference.service import InferenceService
+from server.models.control import FILE_PARAMETER_PREFIX
+from server.scheduling.batcher import CallScope
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         own_only = siblings is not None and siblings.asked_by_sibling(context.invocation_metadata())
         return _answer(context, self.service.model_statistics, request.name, request.version, own_only)
 
-    # -- model repository (server/model_control.py does the work) ----------------------
+    # -- model repository (server/models/control.py does the work) ----------------------
     def RepositoryIndex(self, request, context):
         return self.service.repository_index(request.ready)
 
