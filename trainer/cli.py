@@ -1,4 +1,5 @@
-"""`trainer` command line: train (one model or an ensemble of seeds), evaluate, compare, recipes.
+"""`trainer` command line: train (one model or an ensemble of seeds), distill (a student from an exported
+teacher), evaluate, compare, recipes.
 
 Errors a user can fix (unknown dataset, missing files, impossible hyperparameters) are
 printed as one line, `trainer: error: ...`, with exit status 2 and no traceback.
@@ -21,15 +22,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ensemble_serving.datasets import DATA_DIR_ENV, DATASET_NAMES, DatasetChecksumWarning, DatasetError
+from ensemble_serving.datasets import DATASET_NAMES, DatasetChecksumWarning, DatasetError
+from trainer.cli_options import training_options
 from trainer.recipes import (
     ARCHITECTURES_FOR,
+    DEFAULT_ALPHA,
     DEFAULT_ARCHITECTURE,
-    FLIPS,
-    OPTIMIZERS,
-    PRECISIONS,
+    DEFAULT_TEMPERATURE,
     RECIPES,
-    SCHEDULES,
     TTA_MODES,
     architecture_of,
     get_recipe,
@@ -74,79 +74,10 @@ def main():
     """
 
 
-def _parse_seeds(_ctx, _param, value: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers like 0,1,2, got {value!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise click.BadParameter(f"expected distinct comma-separated integers like 0,1,2, got {value!r}")
-    return seeds
-
-
-def _parse_widths(_ctx, _param, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        widths = [int(part) for part in value.split(",")]
-    except ValueError:
-        widths = []
-    if not widths or min(widths) < 1:
-        raise click.BadParameter(f"expected comma-separated positive integers like 64,256,256, got {value!r}")
-    return widths
-
-
 @main.command()
 @click.option("--dataset", required=True, type=click.Choice(DATASET_NAMES), help="Which data set to train on.")
-@click.option("--arch", "architecture", type=click.Choice(list(RECIPES)),
-              help="Network and its recipe (airbench_sgd: the airbench net with airbench94's SGD recipe). "
-                   "Default: lenet for mnist, airbench for cifar10. "
-                   "mnist: lenet, mnist_cnn; cifar10: cifar_cnn, airbench, airbench_sgd.")  # fmt: skip
-@click.option("--seeds", default="0", show_default=True, callback=_parse_seeds,
-              help="Comma-separated seeds; one run dir per seed (an ensemble: --seeds 0,1,2).")  # fmt: skip
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help=f"Data directory (torchvision layout). Default: ${DATA_DIR_ENV}, else ~/.cache/ensemble-serving/data.")  # fmt: skip
-@click.option("--no-download", is_flag=True, help="Fail instead of downloading absent data files.")
-@click.option("--output-dir", type=click.Path(file_okay=False), default="runs", show_default=True,
-              help="Where run dirs go.")  # fmt: skip
-@click.option("--name", default=None, help="Run name prefix; run dirs are NAME-s<seed>. Default: <dataset>-<arch>.")
-@click.option("--epochs", type=int, help="Epochs (recipe default if omitted; see `trainer recipes`).")
-@click.option("--batch-size", type=int, help="Global batch size (split over processes under torchrun).")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS),
-              help="sgd (with momentum), muon (Muon on conv filters, SGD on the rest) or Adam/AdamW.")  # fmt: skip
-@click.option("--lr", type=float, help="Peak learning rate (mean loss, this batch size).")
-@click.option("--muon-lr", type=float, help="With --optimizer muon: step length of the orthogonalized filter updates.")
-@click.option("--momentum", type=float, help="SGD momentum.")
-@click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum for SGD.")
-@click.option("--weight-decay", type=float, help="L2 weight decay (decoupled for AdamW).")
-@click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing in [0, 1).")
-@click.option("--schedule", type=click.Choice(SCHEDULES),
-              help="LR schedule after warmup: onecycle (linear up/down), cosine, step (x0.1 at 50%, 75%).")  # fmt: skip
-@click.option("--warmup", type=float, help="Warmup length as a fraction of all steps.")
-@click.option("--translate", type=int, help="Augmentation: random shift of up to N pixels (0 = off).")
-@click.option("--flip", type=click.Choice(FLIPS), help="Augmentation: horizontal flips.")
-@click.option("--cutout", type=int, help="Augmentation: zero a random NxN square (0 = off).")
-@click.option("--widths", callback=_parse_widths,
-              help="Channel widths of the network's conv stages, comma-separated (airbench: 64,256,256; "
-                   "airbench95's wider net: 128,384,384). Same count as the recipe's.")  # fmt: skip
-@click.option("--lookahead/--no-lookahead", default=None, help="Lookahead slow weights (airbench).")
-@click.option("--tta", type=click.Choice(TTA_MODES),
-              help="Test-time augmentation inside the served graph: average logits over the mirror image "
-                   "(hflip), and also over 1-pixel shifts (hflip_translate, 6 views).")  # fmt: skip
-@click.option("--val-fraction", type=float, default=0.0, show_default=True,
-              help="Hold out this share of the training set (stratified) for validation; the test set is only "
-                   "used for the final figure.")  # fmt: skip
-@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the validation split.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="Autocast: auto = bf16 on CPUs with bf16 units, bf16/fp16 AMP on CUDA.")  # fmt: skip
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True, help="NHWC memory format.")
-@click.option("--deterministic", is_flag=True, help="Deterministic algorithms only (slower on GPU).")
-@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
-@click.option("--resume", is_flag=True,
-              help="Continue interrupted runs from their checkpoint.pt; finished runs are kept, absent ones start.")  # fmt: skip
-def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name, val_fraction, split_seed, device,
-          precision, channels_last, deterministic, threads, resume, **overrides):  # fmt: skip
+@training_options
+def train(dataset, **options):
     """Train one model per seed on DATASET and write a run dir for each.
 
     \b
@@ -155,6 +86,68 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
       trainer train --dataset cifar10 --arch airbench --val-fraction 0.1
       torchrun --nproc_per_node=2 -m trainer train --dataset mnist
     """
+    return _train_seeds(dataset, None, "", **options)
+
+
+@main.command()
+@click.option("--teacher", required=True, type=click.Path(path_type=Path),
+              help="The exported teacher: an .onnx file (uint8 images in, probabilities out), or a model dir of "
+                   "a model repository: NAME-fused (one graph, fastest), the ensemble NAME (its members, then "
+                   "NAME-average with its weights), or one member.")  # fmt: skip
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), default=None,
+              help="Which data set to train on. Default: the teacher's (the exporter records it).")  # fmt: skip
+@click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True,
+              help="Softens teacher and student alike: p^(1/T) renormalized (see docs/distillation.md).")  # fmt: skip
+@click.option("--alpha", type=float, default=DEFAULT_ALPHA, show_default=True,
+              help="Weight of the soft-label term: "
+                   "alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels).")  # fmt: skip
+@training_options
+def distill(teacher, dataset, temperature, alpha, **options):
+    """Train one student per seed on TEACHER's soft labels and write a run dir for each.
+
+    The teacher (an exported model or ensemble, run by onnxruntime; --threads sets its
+    threads too) labels the training split once; its probabilities are cached beside the
+    run dirs (OUTPUT_DIR/NAME-teacher.npz), so --resume and later students of the same
+    teacher do not run it again. Loss: alpha * T^2 * KL(teacher_T || student_T) +
+    (1 - alpha) * cross-entropy with the recipe's label smoothing. The student is a run dir
+    like any other (config.json adds a `distillation` entry), exportable by `exporter`.
+    See docs/distillation.md.
+
+    \b
+    Example (a 5-member airbench ensemble exported with --fused, one airbench student):
+      trainer distill --teacher model_repository/cifar10-fused --arch airbench --val-fraction 0.1
+    """
+    from trainer.distill import KnowledgeDistillation, check_settings, teacher_targets
+    from trainer.errors import TrainerError
+    from trainer.teacher import load_teacher
+
+    check_settings(temperature, alpha)
+    model = load_teacher(teacher, threads=options["threads"], cuda=options["device"] != "cpu")
+    if dataset is None and model.dataset is None:
+        raise TrainerError(f"the teacher {teacher} does not say which data set it learned; pass --dataset")
+    if dataset is not None and model.dataset not in (None, dataset):
+        raise TrainerError(f"the teacher {teacher} was trained on {model.dataset}, not {dataset}")
+    dataset = dataset or model.dataset
+
+    def objective_for(train_set, env, hyper, cache):
+        model.check_fits(dataset, train_set.images.shape[1:], train_set.class_names)
+        split = options["val_fraction"], options["split_seed"]
+        targets = teacher_targets(model, dataset, train_set, *split, cache, hyper["eval_batch_size"], console, env)
+        record = targets.record(model, train_set, *split)
+        if env.is_main:
+            val = record["teacher_val_accuracy"]
+            val = "" if val is None else f", validation {val:.2%}"
+            console.print(f"teacher {teacher} ({model.kind}, sha256 {model.sha256[:12]}): accuracy on the training "
+                          f"split {record['teacher_train_accuracy']:.2%}{val}")  # fmt: skip
+        return KnowledgeDistillation(targets.train, temperature, alpha, record)
+
+    return _train_seeds(dataset, objective_for, "-distilled", **options)
+
+
+def _train_seeds(dataset, objective_for, name_suffix, architecture, seeds, data_dir, no_download, output_dir, name,
+                 val_fraction, split_seed, device, precision, channels_last, deterministic, threads, resume,
+                 **overrides):  # fmt: skip
+    """One run per seed; objective_for(train_set, env, hyper, cache path): what they minimize (None: cross-entropy)."""
     import torch
 
     from trainer.data import load_datasets
@@ -179,13 +172,15 @@ def train(dataset, architecture, seeds, data_dir, no_download, output_dir, name,
     if env.is_main:
         for warning in caught:  # one readable line each instead of Python's two-line warning format
             console.print(f"[yellow]note: {warning.message}[/]")
-    prefix = name or f"{dataset}-{recipe}"
+    prefix = name or f"{dataset}-{recipe}{name_suffix}"
+    cache = Path(output_dir) / f"{prefix}-teacher.npz"
+    objective = objective_for(train_set, env, hyper, cache) if objective_for else None
     results = []
     for seed in seeds:
         spec = RunSpec(dataset=dataset, architecture=architecture, hyper=dict(hyper), seed=seed,
                        run_dir=Path(output_dir) / f"{prefix}-s{seed}", val_fraction=val_fraction,
                        split_seed=split_seed, precision=precision, channels_last=channels_last,
-                       deterministic=deterministic, resume=resume)  # fmt: skip
+                       deterministic=deterministic, resume=resume, objective=objective)  # fmt: skip
         results.append(train_run(spec, env, train_set, test_set, console))
     if env.is_main:
         _print_summary(results, test_set, Path(output_dir), prefix)

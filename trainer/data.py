@@ -196,18 +196,23 @@ def augment_epoch(images: torch.Tensor, aug: Augmentation, epoch: int, seed: int
 
 
 class InMemoryLoader:
-    """Yields (uint8 images, labels) batches of one epoch, sharded across DDP ranks.
+    """Yields (uint8 images, labels, *extras) batches of one epoch, sharded across DDP ranks.
 
     Every rank computes the same permutation and augmentation from (seed, epoch) and
     keeps its own stride of each global batch, so ranks need no data exchange. The last
-    partial batch is dropped when training (BatchNorm dislikes tiny batches).
+    partial batch is dropped when training (BatchNorm dislikes tiny batches). `extras`:
+    further per-sample tensors (a distillation teacher's targets), indexed like the labels;
+    without them a batch is (images, labels).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, aug: Augmentation | None,
-                 seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True):  # fmt: skip
+                 seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                 extras: tuple[torch.Tensor, ...] = ()):  # fmt: skip
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} processes")
-        self.images, self.labels = images, labels
+        if any(len(extra) != len(labels) for extra in extras):
+            raise ValueError(f"every extra per-sample tensor needs {len(labels)} rows, one per image")
+        self.images, self.labels, self.extras = images, labels, tuple(extras)
         self.batch_size, self.aug, self.seed = batch_size, aug, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
 
@@ -222,7 +227,7 @@ class InMemoryLoader:
         for step in range(start_step, len(self)):
             batch = order[step * self.batch_size : (step + 1) * self.batch_size]
             batch = batch[self.rank :: self.world_size]
-            yield images[batch], self.labels[batch]
+            yield images[batch], self.labels[batch], *(extra[batch] for extra in self.extras)
 
 
 # --------------------------------------------------------------------------- measurement

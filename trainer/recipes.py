@@ -171,6 +171,18 @@ DEFAULTS: dict = {
     "eval_batch_size": 1000,
 }
 
+# `trainer distill` (trainer/distill.py): the temperature and the soft-label weight.
+# T = 4: a strong ensemble is near one-hot on its own training images (~100% train
+# accuracy), so at T = 1 the soft labels carry little beyond the hard ones; T = 4 lifts the
+# relative sizes of the wrong classes (a cat that looks a bit like a dog) into view while
+# the top class keeps most of the mass. T = 3..5 is the common choice for CIFAR-10
+# distillation; choose on the validation split (--val-fraction), never on the test set.
+DEFAULT_TEMPERATURE = 4.0
+# alpha = 0.9: mostly the teacher, whose soft labels subsume the hard ones (it is right on
+# ~all training images), with a tenth of the hard-label loss to keep the student anchored
+# where the teacher errs. The customary KD default for CIFAR-10.
+DEFAULT_ALPHA = 0.9
+
 ARCHITECTURES_FOR = {
     "mnist": ("lenet", "mnist_cnn"),
     "cifar10": ("cifar_cnn", "airbench", "airbench_sgd"),

@@ -16,13 +16,20 @@ HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "va
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
-    """history.json (full) and metrics.csv (one row per epoch)."""
+    """history.json (full) and metrics.csv (one row per epoch; an objective's parts, such as
+    distillation's train_kd_loss and train_ce_loss, as further columns after the usual ones)."""
     (run_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    fields = list(HISTORY_FIELDS) + [key for key in _part_keys(history) if key not in HISTORY_FIELDS]
     with open(run_dir / "metrics.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in history:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in HISTORY_FIELDS})
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
+
+
+def _part_keys(history: list[dict]) -> list[str]:
+    """The objective's extra per-epoch figures (train_<part>), in the order the rows name them."""
+    return list(dict.fromkeys(key for row in history for key in row if key not in HISTORY_FIELDS))
 
 
 def save_curves_png(run_dir: Path, history: list[dict], title: str) -> None:
@@ -37,6 +44,10 @@ def save_curves_png(run_dir: Path, history: list[dict], title: str) -> None:
     train_labels = {"loss": "train loss (augmented, smoothed labels)", "accuracy": "train accuracy (augmented)"}
     for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "accuracy", "accuracy")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], marker="o", label=train_labels[key])
+        if key == "loss":  # the objective's parts (distillation: the KD and hard-label terms), dashed
+            for part in (k for k in _part_keys(history) if k.endswith("_loss")):
+                values = [row.get(part) for row in history]
+                ax.plot(epochs, values, linestyle="--", marker=".", label=part.replace("_", " "))
         val = [row.get(f"val_{key}") for row in history]
         if any(v is not None for v in val):
             ax.plot(epochs, [np.nan if v is None else v for v in val], marker="o", label=f"validation {label}")
@@ -134,8 +145,10 @@ class EpochProgress:
         val = ""
         if row["val_accuracy"] is not None:
             val = f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
+        named = [(key.replace("train_", "", 1).replace("_", " "), row[key]) for key in _part_keys([row])]
+        parts = "".join(f" ({name} {value:.4f})" for name, value in named)  # e.g. (kd loss 0.1234)
         self.console.print(
-            f"epoch {row['epoch']:3d}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+            f"epoch {row['epoch']:3d}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f}{parts} "
             f"acc {row['train_accuracy']:.2%}{val}  {row['epoch_seconds']:.1f}s",
             highlight=False,
         )

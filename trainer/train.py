@@ -2,7 +2,8 @@
 
 Read top to bottom: RunSpec (what to train), predict (a serving model's probabilities),
 TrainingState (where the run is, what --resume restores), train_run (start or
-resume, the epochs, Ctrl-C), train_epoch (one pass over the data), and finish_run, which
+resume, the epochs, Ctrl-C), train_epoch (one pass over the data, minimizing the run's
+objective: objective.py), and finish_run, which
 writes the run dir and then measures test accuracy with the run dir's own ServingModel
 in fp32 on uint8 images, the exact module the exporter turns into ONNX.
 Beside it: recipes.py (hyperparameters and their check), data.py (the images, split and
@@ -35,6 +36,7 @@ from trainer.data import NORMALIZATION, Augmentation, InMemoryLoader, Normalizer
 from trainer.environment import Environment, apply_determinism, autocast_for
 from trainer.errors import TrainerError, TrainingInterrupted
 from trainer.models import build_model, count_parameters
+from trainer.objective import CrossEntropy
 from trainer.optim import Lookahead, lr_factor, make_optimizer, set_lr
 from trainer.recipes import validate
 from trainer.serving import serving_model_from
@@ -53,6 +55,7 @@ class RunSpec:
     deterministic: bool = False
     resume: bool = False
     command: str = field(default_factory=lambda: " ".join(sys.argv))
+    objective: CrossEntropy | None = None  # what to minimize (objective.py); None: CrossEntropy()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -108,6 +111,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     lookahead: Lookahead | None
     loader: InMemoryLoader
+    objective: CrossEntropy  # or any object with its interface (objective.py)
     normalize: Normalizer
     memory_format: torch.memory_format
     precision: str
@@ -126,12 +130,14 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(), "lookahead": self.lookahead.slow if self.lookahead else None,
                 "rng": torch.get_rng_state(), "hyperparameters": self.spec.hyper,
                 "architecture": self.spec.architecture, "dataset": self.spec.dataset,
+                "objective": self.objective.identity,
             })  # fmt: skip
 
 
 def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, console) -> dict:
     """Train one model into spec.run_dir; returns its summary (and test probabilities)."""
     run_dir = spec.run_dir
+    spec.objective = spec.objective or CrossEntropy()
     saved = checkpoint.load_training_state(run_dir) if spec.resume else None
     if spec.resume and saved is None:
         finished = _finished_config(run_dir)
@@ -147,6 +153,9 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
                 f"{run_dir} holds a {saved.get('architecture')} run on {saved.get('dataset')}, not "
                 f"{spec.architecture} on {spec.dataset}; resume it with the same --dataset/--arch or pick another --name"
             )
+        if saved.get("objective") != spec.objective.identity:  # e.g. another --teacher (None: `trainer train`)
+            raise TrainerError(f"{run_dir} was trained towards {saved.get('objective') or 'the hard labels'}, not "
+                               f"{spec.objective.identity or 'the hard labels'}; resume it with the same command")  # fmt: skip
         spec.hyper = saved["hyperparameters"]  # continue exactly the run that was interrupted
     validate(spec.hyper, spec.val_fraction, spec.precision, len(train), train.images.shape[1], env.world_size)
     if saved is None and (run_dir / checkpoint.CONFIG_FILE).exists() and env.is_main:
@@ -187,10 +196,11 @@ def _set_up(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, fres
     model = network
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(network, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    targets = spec.objective.prepare(h, data, env.device)
     loader = InMemoryLoader(data.train_images, data.train_labels, h["batch_size"], Augmentation.from_dict(h["augmentation"]),
-                            seed=spec.seed, rank=env.rank, world_size=env.world_size)  # fmt: skip
+                            seed=spec.seed, rank=env.rank, world_size=env.world_size, extras=targets)  # fmt: skip
     return _Run(
-        spec=spec, env=env, data=data, network=network, model=model, loader=loader,
+        spec=spec, env=env, data=data, network=network, model=model, loader=loader, objective=spec.objective,
         config=_base_config(spec, data, (height, width, channels), norm, count_parameters(network)),
         optimizer=make_optimizer(network, h),
         lookahead=Lookahead(network, h["lookahead_every"], h["lookahead_decay"]) if h["lookahead"] else None,
@@ -258,15 +268,15 @@ def _train_epochs(run: _Run, progress: report.EpochProgress) -> None:
 def train_epoch(run: _Run, bar) -> dict:
     """One pass over the training data from state.step_in_epoch; its history row (validation not yet filled in)."""
     state, h, device = run.state, run.spec.hyper, run.env.device
-    criterion = nn.CrossEntropyLoss(label_smoothing=h["label_smoothing"])
+    part_names = run.objective.part_names
     started, cpu_started = time.perf_counter(), time.process_time()
     run.network.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for images, labels in run.loader.epoch(state.epoch, start_step=state.step_in_epoch):
+    totals = torch.zeros(3 + len(part_names), dtype=torch.float64, device=device)  # loss sum, correct, count, parts
+    for images, labels, *targets in run.loader.epoch(state.epoch, start_step=state.step_in_epoch):
         x = run.normalize(images, run.memory_format)
         with run.autocast or contextlib.nullcontext():
             logits = run.model(x)
-            loss = criterion(logits.float(), labels)
+            loss, parts = run.objective(logits.float(), labels, *targets)
         run.optimizer.zero_grad(set_to_none=True)
         if run.scaler is not None:
             run.scaler.scale(loss).backward()
@@ -281,17 +291,20 @@ def train_epoch(run: _Run, bar) -> dict:
         if run.lookahead is not None:
             run.lookahead.step(run.network, state.global_step, run.total_steps)
         with torch.no_grad():
-            totals += torch.stack([loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum().double(),
-                                   torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])  # fmt: skip
-        bar.advance(totals)
+            counts = torch.stack([loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum().double(),
+                                  torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])  # fmt: skip
+            totals += torch.cat([counts, parts.double() * len(labels)])
+        bar.advance(totals[:3])
     if run.env.distributed:
         dist.all_reduce(totals)
     epoch_seconds = time.perf_counter() - started
     state.train_seconds += epoch_seconds
     state.train_cpu_seconds += time.process_time() - cpu_started
-    return {"epoch": state.epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
-            "train_loss": float(totals[0] / totals[2]), "train_accuracy": float(totals[1] / totals[2]),
-            "val_loss": None, "val_accuracy": None, "epoch_seconds": round(epoch_seconds, 2)}  # fmt: skip
+    row = {"epoch": state.epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
+           "train_loss": float(totals[0] / totals[2]), "train_accuracy": float(totals[1] / totals[2]),
+           "val_loss": None, "val_accuracy": None, "epoch_seconds": round(epoch_seconds, 2)}  # fmt: skip
+    row.update({f"train_{name}": float(totals[3 + i] / totals[2]) for i, name in enumerate(part_names)})
+    return row
 
 
 def finish_run(spec: RunSpec, env: Environment, network: nn.Module, config: dict, data: PreparedData,
@@ -360,6 +373,7 @@ def _base_config(spec: RunSpec, data: PreparedData, shape: tuple[int, int, int],
         "versions": {"torch": torch.__version__, "torchvision": _package_version("torchvision"),
                      "python": platform.python_version(), "numpy": np.__version__},  # fmt: skip
         "command": spec.command,
+        **spec.objective.config_entries(),
     }
 
 
