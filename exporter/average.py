@@ -11,24 +11,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.errors import ExportError
 from exporter.onnx_export import BATCH_DIM, OPSET, OUTPUT_NAME, check_model
 
 
 def member_output_name(index: int) -> str:
     return f"{OUTPUT_NAME}_{index}"
-
-
-def normalize_weights(weights: list[float] | None, num_members: int) -> list[float]:
-    """None -> equal weights; otherwise check count and sign, and scale to sum 1."""
-    if weights is None:
-        return [1.0 / num_members] * num_members
-    if len(weights) != num_members:
-        raise ExportError(f"--weights has {len(weights)} values for {num_members} run dirs (expected one weight per run dir)")
-    values = np.asarray(weights, dtype=np.float64)
-    if not np.all(np.isfinite(values)) or np.any(values < 0) or values.sum() <= 0:
-        raise ExportError(f"--weights {list(weights)}: expected non-negative numbers with a positive sum")
-    return (values / values.sum()).tolist()
 
 
 def build_average_model(weights: list[float], num_classes: int) -> onnx.ModelProto:

@@ -20,6 +20,13 @@ QUANTIZE_HELP = (
     "training images; refused if accuracy on the run's validation split (the test split for a run trained "
     "without one) drops more than --max-accuracy-drop points."
 )
+WEIGHTS_HELP = (
+    "Ensemble weights: 'uniform' (1/N each), 'fit' (minimise the negative log-likelihood of the weighted mean "
+    "of the members' probabilities on the validation images every member held out: members trained with the "
+    "same --val-fraction > 0 and --split-seed, training images in --data-dir), or W1,W2,... (one "
+    "non-negative number per run dir, normalized to sum 1). They go into NAME-average (and NAME-fused); "
+    "weights.json beside them records them with validation NLL and accuracy."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,14 +40,13 @@ def main() -> None:
               help="Model repository to write into (Triton layout; created if absent).")
 @click.option("--name", required=True, help="Model name: the ensemble's (members become NAME-m0, NAME-m1, ...) "
               "or, for a single run dir, the model's.")
-@click.option("--weights", default=None, metavar="W1,W2,...",
-              help="Ensemble weights, one per run dir (normalized to sum 1). Default: equal.")
+@click.option("--weights", default="uniform", show_default=True, metavar="uniform|fit|W1,W2,...", help=WEIGHTS_HELP)
 @click.option("--fused", is_flag=True, help="Also write NAME-fused: one ONNX graph holding every member and the mean.")
 @click.option("--overwrite", is_flag=True, help="Replace models of the same names already in the repository.")
 @click.option("--max-batch-size", default=64, show_default=True, type=int,
               help="config.pbtxt max_batch_size (the ONNX graphs themselves take any batch).")
 @click.option("--data-dir", default=None, type=click.Path(path_type=Path, file_okay=False),
-              help="Dataset root for the parity images (and int8 calibration). "
+              help="Dataset root for the parity images (and int8 calibration, the validation images for --weights). "
               "Default: $ENSEMBLE_SERVING_DATA_DIR, else ~/.cache/ensemble-serving/data. "
               "Without the test images there, parity runs on synthetic images (the report says so).")
 @click.option("--quantize", "quantize_mode", type=click.Choice(["int8"]), default=None, help=QUANTIZE_HELP)
@@ -65,6 +71,10 @@ def to_onnx(run_dirs, repository, name, weights, fused, overwrite, max_batch_siz
     Several run dirs -> members NAME-m0.., the averaging model NAME-average and the
                         ensemble NAME (platform "ensemble": members, then the average).
     Each model dir holds config.pbtxt, labels.txt, 1/model.onnx and parity.json.
+    --weights fit: the averaging model holds the weights that minimise the ensemble's
+    validation NLL (the trainer's split, held out by every member); weights.json beside
+    it records them with the validation NLL and accuracy of them, of uniform, and of
+    each member.
     With --version V or --next-version, models that exist get V/model.onnx (and
     V/parity.json) beside their other versions: retrain, export, and a server in poll
     mode (or a load call in explicit mode) serves it with no downtime.
@@ -77,7 +87,7 @@ def to_onnx(run_dirs, repository, name, weights, fused, overwrite, max_batch_siz
 
     stderr = Console(stderr=True)
     try:
-        parsed_weights = _parse_weights(weights)
+        parsed_weights = _parse_weights(weights, len(run_dirs))
         with _RichSteps(stderr) if stderr.is_terminal else _LineSteps(stderr) as progress:
             from exporter.export import export_repository
 
@@ -97,15 +107,22 @@ def to_onnx(run_dirs, repository, name, weights, fused, overwrite, max_batch_siz
     _print_summary(stdout, result)
 
 
-def _parse_weights(text: str | None) -> list[float] | None:
-    from exporter.errors import ExportError
+def _parse_weights(text: str, num_run_dirs: int) -> str | list[float]:
+    """'uniform', 'fit' or the numbers; anything else is a usage error (exit 2) before any work."""
+    from exporter.weights import FIT, parse_option, weights_problem
 
-    if text is None:
-        return None
+    context = click.get_current_context()
     try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise ExportError(f"--weights {text!r}: expected comma-separated numbers, one per run dir") from None
+        parsed = parse_option(text)
+    except ValueError as error:
+        raise click.BadParameter(f"{text!r}: {error}", ctx=context, param_hint="'--weights'") from None
+    if parsed == FIT and num_run_dirs < 2:
+        raise click.BadParameter("'fit' needs at least two run dirs (a single model has no ensemble weights)",
+                                 ctx=context, param_hint="'--weights'")  # fmt: skip
+    problem = weights_problem(parsed, num_run_dirs) if isinstance(parsed, list) else None
+    if problem:
+        raise click.BadParameter(f"{text!r} {problem}", ctx=context, param_hint="'--weights'")
+    return parsed
 
 
 class _RichSteps:
@@ -185,7 +202,39 @@ def _print_summary(console: Console, result) -> None:
         where = (f"{images['count']} real {images['dataset']} {images['split']} images" if images["source"] == "real"
                  else f"{images['count']} synthetic images ({images['why_not_real']})")  # fmt: skip
         console.print(f"Parity images: {where}; tolerance 1e-4, every argmax must agree.")
+    weights = next((m.reports["weights.json"] for m in result.models if "weights.json" in m.reports), None)
+    if weights:
+        console.print(_weights_table(weights))
     console.print(_repository_tree(result))
+
+
+def _weights_table(report: dict) -> Table:
+    """weights.json as a table: each member's weight and validation figures, then uniform vs the chosen weights."""
+    validation = report.get("validation")
+    if validation:
+        images = f"{validation['images']} {validation['dataset']} validation images"
+        title = f"Ensemble weights: {report['mode']}, on {images}"
+        caption = (f"Validation split: val_fraction {validation['val_fraction']}, split_seed {validation['split_seed']}; "
+                   "NLL: mean negative log-likelihood of the true class (nats)")  # fmt: skip
+        if "fit" in report:
+            caption += "; the weights were fitted on these images (in-sample): judge them on the test split"
+    else:
+        title, caption = f"Ensemble weights: {report['mode']}", f"No validation figures: {report['why_no_validation']}"
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for column in ("model", "run", "weight", "val accuracy", "val NLL"):
+        table.add_column(column, justify="left" if column in ("model", "run") else "right", no_wrap=True)
+    for member in report["members"]:
+        figures = [f"{member['val_accuracy']:.2%}", f"{member['val_nll']:.4f}"] if validation else ["", ""]
+        table.add_row(member["model"], Path(member["source_run"]).name, f"{member['weight']:.4f}", *figures)
+    if validation:
+        table.add_section()
+        uniform, chosen = report["uniform"], report["chosen"]
+        table.add_row("ensemble, uniform", "", f"{uniform['weights'][0]:.4f} each", f"{uniform['val_accuracy']:.2%}",
+                      f"{uniform['val_nll']:.4f}")  # fmt: skip
+        table.add_row(
+            f"ensemble, {report['mode']}", "", "", f"{chosen['val_accuracy']:.2%}", f"{chosen['val_nll']:.4f}"
+        )
+    return table
 
 
 def _parity_cells(report: dict | None) -> list[str]:

@@ -10,6 +10,10 @@ writes (for two or more run dirs)
     <model>-int8              (quantize="int8") int8 members, and for an ensemble mnist-int8
 and for a single run dir one model named `name` (plus `name`-int8).
 
+The ensemble's weights (exporter.weights) are uniform, given, or fitted on the validation
+split every member held out; non-uniform ones are recorded in weights.json beside
+mnist-average (and mnist-fused) with their validation figures.
+
 Every ONNX model is checked against PyTorch before anything is written: parity at
 batch sizes 1 and 64 (max |diff| <= 1e-4 and identical argmax), the ensemble against
 the weighted mean of the PyTorch members. Any failure raises an ExportError subclass
@@ -28,6 +32,7 @@ import torch
 
 from exporter import average, onnx_export, parity
 from exporter import quantize as quantization
+from exporter import weights as ensemble_weights
 from exporter.errors import ExportError, ParityError
 from exporter.plan import (  # public names re-exported for callers
     QUANTIZE_MODES,
@@ -53,6 +58,7 @@ from exporter.repository import (
     refuse_existing_message,
 )
 from exporter.run_dirs import Member, check_run_dirs, load_member, weights_sha256
+from exporter.weights import FIT, UNIFORM, WEIGHTS_FILENAME, WeightsChoice
 
 PARITY_FILENAME = "parity.json"
 QUANTIZATION_FILENAME = "quantization.json"
@@ -63,7 +69,7 @@ def export_repository(
     repository: str | Path,
     name: str,
     *,
-    weights: list[float] | None = None,
+    weights: str | list[float] | None = None,
     fused: bool = False,
     overwrite: bool = False,
     data_dir: str | Path | None = None,
@@ -79,13 +85,14 @@ def export_repository(
 ) -> ExportResult:
     """Export run dirs into `repository` as model(s) named after `name` (see the module docstring).
     With `version` or `next_version`, add that version to the models instead of replacing
-    them (exporter.repository: the version folder is renamed into place)."""
+    them (exporter.repository: the version folder is renamed into place). `weights`: None or
+    "uniform", "fit" (on the members' validation split) or one number per run dir (exporter.weights)."""
     progress = progress or _NoProgress()
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     _check_options(run_dirs, fused, max_batch_size, quantize, max_accuracy_drop, instance_kind, instances)
     plan = plan_names(name, len(run_dirs), fused, quantize)
-    weights = average.normalize_weights(weights, len(run_dirs))
-    progress.begin(_count_steps(len(run_dirs), fused, quantize))
+    choice = ensemble_weights.choose(weights, len(run_dirs))
+    progress.begin(_count_steps(len(run_dirs), fused, quantize, weigh=bool(plan.ensemble) and choice.mode != UNIFORM))
     add_version = version is not None or next_version
     if add_version and overwrite:
         raise ExportError("--overwrite replaces whole models; --version / --next-version adds a version: choose one")
@@ -97,7 +104,7 @@ def export_repository(
         clashes = [] if add_version else staged.existing(plan.all_names)
         if clashes and not overwrite:  # fail before minutes of work, and again at commit
             raise ExportError(refuse_existing_message(staged.repository, clashes))
-        exporter = _Exporter(staged, plan, weights, data_dir, progress,
+        exporter = _Exporter(staged, plan, choice, data_dir, progress,
                              dict(max_batch_size=max_batch_size, instance_kind=instance_kind,
                                   instances=instances, max_queue_delay_us=max_queue_delay_us))  # fmt: skip
         exporter.run(run_dirs, quantize, max_accuracy_drop)
@@ -121,9 +128,13 @@ class WeightedEnsemble(torch.nn.Module):
 class _Exporter:
     """One export run: holds the members, the parity images and what has been staged so far."""
 
-    def __init__(self, staged: StagedRepository, plan: Plan, weights: list[float], data_dir, progress: Steps,
+    def __init__(self, staged: StagedRepository, plan: Plan, choice: WeightsChoice, data_dir, progress: Steps,
                  runtime_options: dict):  # fmt: skip
-        self.staged, self.plan, self.weights = staged, plan, weights
+        self.staged, self.plan, self.choice = staged, plan, choice
+        self.weights = choice.weights  # None until fitted (--weights fit)
+        self.validation: ensemble_weights.ValidationSet | None = None  # for non-uniform weights
+        self.why_no_validation = ""
+        self.weights_report: dict | None = None  # weights.json, for non-uniform weights
         self.data_dir, self.progress, self.runtime_options = data_dir, progress, runtime_options
         self.written: list[WrittenModel] = []
         self.member_bytes: list[bytes] = []
@@ -140,6 +151,7 @@ class _Exporter:
         for index, member in enumerate(self.members):
             self._export_member(member, self.plan.members[index])
         if self.plan.ensemble:
+            self._choose_weights()
             self._export_average_and_ensemble()
         if self.plan.fused:
             self._export_fused()
@@ -148,6 +160,7 @@ class _Exporter:
 
     def _load(self, run_dirs: list[Path]) -> list[Member]:
         runs = check_run_dirs(run_dirs)  # all configs first: a bad last run dir fails before any work
+        self._find_validation(runs)  # and --weights fit without a shared validation split
         members = []
         for run_dir, config in runs:
             self.progress.step(f"loading {run_dir}")
@@ -193,13 +206,44 @@ class _Exporter:
             "exporter": _exporter_note(),
         }
 
+    # ----------------------------------------------------------------- ensemble weights
+
+    def _find_validation(self, runs: list[tuple[Path, dict]]) -> None:
+        if self.choice.mode == UNIFORM or not self.plan.ensemble:
+            return
+        try:
+            self.validation = ensemble_weights.validation_set(runs, self.data_dir)
+        except ExportError as error:
+            if self.choice.mode == FIT:
+                raise ExportError(f"--weights fit: {error}") from None
+            self.why_no_validation = str(error)  # given weights need no validation; weights.json says why none
+
+    def _choose_weights(self) -> None:
+        """Fit the weights (--weights fit) and, given a validation split, measure them and uniform on it."""
+        if self.choice.mode == UNIFORM:
+            return
+        what = "fitting the weights" if self.choice.mode == FIT else "the given weights"
+        where = f"on {len(self.validation.labels)} validation images" if self.validation else "(no validation split)"
+        self.progress.step(f"{self.plan.average}: {what} {where}")
+        members = [(name, member.run_dir) for name, member in zip(self.plan.members, self.members)]
+        self.weights, self.weights_report = ensemble_weights.settle(
+            self.choice, members, self.member_bytes, self.validation, self.why_no_validation
+        )
+
+    def _weights_files(self) -> dict[str, dict]:
+        return {WEIGHTS_FILENAME: self.weights_report} if self.weights_report else {}
+
+    def _weights_metadata(self) -> dict:
+        return {} if self.choice.mode == UNIFORM else {"weights_mode": self.choice.mode}
+
     # ----------------------------------------------------------------- average + ensemble
 
     def _export_average_and_ensemble(self) -> None:
         plan = self.plan
         self.progress.step(f"{plan.average} + {plan.ensemble}: averaging graph vs numpy, ensemble vs PyTorch mean")
         model = average.build_average_model(self.weights, len(self.class_names))
-        onnx_export.set_metadata(model, {"members": plan.members, "weights": self.weights, "exporter": _exporter_note()})
+        onnx_export.set_metadata(model, {"members": plan.members, "weights": self.weights, **self._weights_metadata(),
+                                         "exporter": _exporter_note()})  # fmt: skip
         average_bytes = onnx_export.serialize(model)
         session = parity.cpu_session(average_bytes)
         feeds = lambda outputs: {average.member_output_name(i): p for i, p in enumerate(outputs)}  # noqa: E731
@@ -224,7 +268,7 @@ class _Exporter:
         ensemble_report = self._ensemble_parity(plan.ensemble, ensemble_predict, "members then average")
         self._write(plan.average, "average",
                     average_config(plan.average, len(plan.members), len(self.class_names), **self.runtime_options),
-                    average_bytes, {PARITY_FILENAME: average_report})  # fmt: skip
+                    average_bytes, {PARITY_FILENAME: average_report, **self._weights_files()})  # fmt: skip
         self._write(plan.ensemble, "ensemble",
                     ensemble_config(plan.ensemble, plan.members, plan.average, self.input_shape, len(self.class_names),
                                     max_batch_size=self.runtime_options["max_batch_size"]),
@@ -256,10 +300,12 @@ class _Exporter:
         onnx_export.set_metadata(model, {
             "dataset": self.members[0].dataset, "class_names": self.class_names,
             "source_runs": [str(member.run_dir.resolve()) for member in self.members],
-            "weights": self.weights, "parity": _parity_summary(report), "exporter": _exporter_note(),
+            "weights": self.weights, **self._weights_metadata(), "parity": _parity_summary(report),
+            "exporter": _exporter_note(),
         })  # fmt: skip
         config = member_config(name, self.input_shape, len(self.class_names), **self.runtime_options)
-        self._write(name, "fused", config, onnx_export.serialize(model), {PARITY_FILENAME: report})
+        reports = {PARITY_FILENAME: report, **self._weights_files()}
+        self._write(name, "fused", config, onnx_export.serialize(model), reports)
 
     # ----------------------------------------------------------------- int8
 

@@ -110,8 +110,8 @@ def _check_options(run_dirs, fused, max_batch_size, quantize, max_accuracy_drop,
         raise ExportError(f"--instances {instances}: expected at least 1")
 
 
-def _count_steps(num_members: int, fused: bool, quantize: str | None) -> int:
-    steps = 3 * num_members + (1 if num_members > 1 else 0) + (2 if fused else 0) + 1
+def _count_steps(num_members: int, fused: bool, quantize: str | None, weigh: bool = False) -> int:
+    steps = 3 * num_members + (1 if num_members > 1 else 0) + (2 if fused else 0) + 1 + (1 if weigh else 0)
     if quantize:
         steps += 1 + 2 * num_members + (1 if num_members > 1 else 0)
     return steps

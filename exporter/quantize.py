@@ -2,10 +2,10 @@
 
 Calibration reads real training images (the ones the trainer trained on, never its
 validation images); the accuracy change is measured on the trainer's own validation
-split (same seed and fraction, recomputed with trainer.data.split_train_validation),
-or on the test split for a run trained without one (the report says which). Only the compute-heavy ops (Conv, Gemm, MatMul) are
-quantized: the uint8->float preprocessing and the softmax stay in float, so the
-output is still a smooth FP32 probability vector.
+split (same seed and fraction, recomputed by exporter.validation), or on the test
+split for a run trained without one (the report says which). Only the compute-heavy
+ops (Conv, Gemm, MatMul) are quantized: the uint8->float preprocessing and the softmax
+stay in float, so the output is still a smooth FP32 probability vector.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ensemble_serving.datasets import DatasetChecksumWarning, DatasetError, load_dataset, resolve_data_dir
 from exporter.errors import ExportError, QuantizationError, one_line
 from exporter.onnx_export import INPUT_NAME, check_model
 from exporter.parity import cpu_session, predict_in_batches, session_predictor
+from exporter.validation import load_real, trainer_split
 
 QUANTIZED_OP_TYPES = ["Conv", "Gemm", "MatMul"]
 CALIBRATION_IMAGES = 1024
@@ -48,25 +48,16 @@ def quantization_data(config: dict, data_dir=None) -> QuantizationData:
     A run trained on the whole training set has no held-out training images, so the
     change is then measured on the test split, and the report says so.
     """
-    from trainer.data import split_train_validation
-
-    dataset, root = config["dataset"], resolve_data_dir(data_dir)
-    val_fraction = float(config.get("val_fraction", 0.0))
-    split_seed = int(config.get("split_seed", 0))
-    train = _load_real(dataset, "train", root)
-    train_idx, val_idx = split_train_validation(train.labels, val_fraction, split_seed)
-    if "val_samples" in config and int(config["val_samples"]) != len(val_idx):
-        raise ExportError(
-            f"recomputing the trainer's validation split gives {len(val_idx)} images, config.json says "
-            f"{config['val_samples']}: is {root} the data the run was trained on?"
-        )
+    split = trainer_split(config, data_dir, needed_by="--quantize")
+    dataset, root, train = config["dataset"], split.data_dir, split.train
+    train_idx, val_idx, val_fraction, split_seed = split.train_idx, split.val_idx, split.val_fraction, split.split_seed
     rng = np.random.default_rng(CALIBRATION_SEED)
     calibration_idx = np.sort(rng.choice(train_idx, size=min(CALIBRATION_IMAGES, len(train_idx)), replace=False))
     if len(val_idx):
         eval_images, eval_labels = train.images[val_idx], train.labels[val_idx]
         evaluated_on = f"validation split of the training set (val_fraction {val_fraction}, split_seed {split_seed})"
     else:
-        test = _load_real(dataset, "test", root)
+        test = load_real(dataset, "test", root, needed_by="--quantize")
         eval_images, eval_labels = test.images, test.labels
         evaluated_on = "test split (the run was trained without a validation split: val_fraction 0)"
     return QuantizationData(
@@ -79,15 +70,6 @@ def quantization_data(config: dict, data_dir=None) -> QuantizationData:
             "calibration_from": "training images the run trained on (never its validation images)",
         },
     )  # fmt: skip
-
-
-def _load_real(dataset: str, split: str, root):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DatasetChecksumWarning)
-            return load_dataset(dataset, split, root, download=False)
-    except DatasetError as error:
-        raise ExportError(f"--quantize needs the real {dataset} {split} images: {one_line(error)}") from None
 
 
 def quantize_int8(model_bytes: bytes, calibration: np.ndarray) -> bytes:

@@ -24,6 +24,7 @@ from ensemble_serving.datasets import load_dataset
 from ensemble_serving.model_config import load_model_config
 from ensemble_serving.protocol import model_config_pb2 as pb
 from exporter import average, export, onnx_export
+from exporter import weights as ensemble_weights
 from exporter.errors import ExportError, ParityError, QuantizationError
 from exporter.export import export_repository
 from tests.support.tiny_pipeline import TEST_IMAGES, write_digit_like_data, train_tiny_run
@@ -177,7 +178,7 @@ def test_averaging_model_against_numpy(ensemble_repo):
 
 
 def test_averaging_graph_any_member_count_equal_weights():
-    weights = average.normalize_weights(None, 3)
+    weights = ensemble_weights.normalize_weights(None, 3)
     model = average.build_average_model(weights, num_classes=4)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(2)

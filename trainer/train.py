@@ -236,7 +236,8 @@ def _announce(run: _Run, console) -> None:
 def _train_epochs(run: _Run, progress: report.EpochProgress) -> None:
     """The remaining epochs, checkpointing after each; Ctrl-C saves and raises TrainingInterrupted."""
     state, epochs, steps = run.state, run.spec.hyper["epochs"], len(run.loader)
-    live_serving = serving_model_from(run.network, run.config)  # shares the network's weights
+    # Shares the network's weights; its own buffers (scale, shift, view weights) move to the device.
+    live_serving = serving_model_from(run.network, run.config).to(run.env.device)
     set_lr(run.optimizer, lr_factor(state.global_step, run.total_steps, run.spec.hyper), state.global_step // steps)
     try:
         while state.epoch < epochs:
