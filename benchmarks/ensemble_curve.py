@@ -8,7 +8,9 @@ For k = 1..N it exports the first k run dirs as one ensemble twice, with uniform
 and with `--weights fit` (the members' validation split), into one model repository;
 serves it with our server; scores every ensemble with `client evaluate` on the whole test
 set; and measures requests per second at concurrency 16 with perf_analyzer (one image per
-request). Run it on a quiet machine, never in CI.
+request). With --student RUN_DIR (a `trainer distill` run), the student is exported,
+scored and measured the same way, in the same run, as one more point at one member's cost.
+Run it on a quiet machine, never in CI.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def plot(rows: list[dict], path: Path, dataset: str) -> None:
     for weights, style in (("uniform", "o-"), ("fit", "s--")):
         points = [(r["members"], 100 * r["accuracy"]) for r in rows if r["weights"] == weights]
         accuracy_axis.plot(*zip(*points), style, label=f"served accuracy, {weights} weights")
+    students = [(r["members"], 100 * r["accuracy"]) for r in rows if r["weights"] == "distilled"]
+    if students:
+        accuracy_axis.plot(*zip(*students), "*", markersize=13, label="distilled student (one net)")
     accuracy_axis.set_xlabel("ensemble members")
     accuracy_axis.set_ylabel("test accuracy (%)")
     accuracy_axis.set_xticks(sorted({r["members"] for r in rows}))
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="Repository and reports [a temporary folder].")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--student", type=Path, default=None, help="A `trainer distill` run dir to add.")
     parser.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PERF_ANALYZER)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="ensemble-curve-"))
@@ -86,6 +92,11 @@ def main() -> None:
             print(f"exporting {name}", flush=True)
             export(args.run_dirs[:k], repository, name, weights, args.data_dir)
             names.append((k, weights, name))
+    if args.student:
+        name = f"{args.dataset}-student"
+        print(f"exporting {name}", flush=True)
+        export([args.student], repository, name, "uniform", args.data_dir)
+        names.append((1, "distilled", name))
     server = ServerProcess(our_server_command(repository, http=False), work / "server.log")
     rows = []
     try:
