@@ -285,7 +285,7 @@ def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
 def read_cache(path: Path, key: dict) -> dict[str, np.ndarray] | None:
     """The cached arrays if `path` was written for exactly `key`, else None."""
     try:
-        with np.load(path, allow_pickle=False) as cached:
+        with np.load(path) as cached:  # allow_pickle stays at its default, False: no object arrays
             if json.loads(str(cached["key"])) != key:
                 return None
             return {name: cached[name] for name in cached.files if name != "key"}
