@@ -9,6 +9,7 @@ and a server without the `tracing` extra (OpenTelemetry blocked from import)."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -31,8 +32,8 @@ QUEUE_DELAY_US = 250_000
 OTEL_VARIABLES = ("OTEL_SDK_DISABLED", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_EXPORTER_OTLP_PROTOCOL",
                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_PROPAGATORS",
                   "OTEL_RESOURCE_ATTRIBUTES")  # fmt: skip
-SHOWN = ("model.name", "model.version", "inference.protocol", "inference.ensemble", "inference.batch_size", "inference.outcome",
-         "inference.batch.requests")  # fmt: skip
+SHOWN = ("model.name", "model.version", "inference.protocol", "inference.ensemble", "inference.batch_size",
+         "inference.outcome", "inference.batch.requests")  # fmt: skip
 
 
 def _otel_env(receiver: OtlpReceiver) -> dict[str, str]:
@@ -289,3 +290,29 @@ def test_the_trace_rate_flag_is_explained_in_help():
                                check=True).stdout  # fmt: skip
     assert "--trace-rate" in help_text and "ENSEMBLE_SERVER_TRACE_RATE" in help_text
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in help_text and "traceparent" in help_text
+
+
+def test_the_benchmarks_sink_counts_what_an_exporter_sends(tmp_path):
+    """benchmarks/otlp_sink.py, the receiver the cost measurement exports to, fed by the SDK's own exporter."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    port = free_port()
+    sink = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "otlp_sink.py"), "--port", str(port),
+                             "--every", "0.2", "--json", str(tmp_path / "totals.json")], stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert "listening" in sink.stdout.readline()
+        provider = TracerProvider()
+        exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces")
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        for index in range(5):
+            provider.get_tracer("test").start_span(f"span {index}").end()
+        provider.shutdown()
+    finally:
+        sink.terminate()
+        output = sink.communicate(timeout=30)[0]
+    assert sink.returncode == 0, output
+    totals = json.loads((tmp_path / "totals.json").read_text())
+    assert (totals["posts"], totals["spans"], totals["bad"]) == (5, 5, 0), output

@@ -121,8 +121,9 @@ class RequestTracer:
         identity = {ATTRIBUTE_MODEL: model, ATTRIBUTE_VERSION: version}
         for ticket in tickets:
             if ticket.trace is not None:
+                arrived = ticket.arrival_ns + self._wall_offset_ns
                 queued = self._tracer.start_span(f"queue {model}", context=trace.set_span_in_context(ticket.trace),
-                                                 attributes=identity, start_time=ticket.arrival_ns + self._wall_offset_ns)
+                                                 attributes=identity, start_time=arrived)
                 queued.end(end_time=started)
         return self._tracer.start_span(
             f"batch {model}", context=trace.set_span_in_context(owners[0]), start_time=started,
