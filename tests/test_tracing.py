@@ -223,6 +223,21 @@ def test_nothing_is_exported_with_tracing_off(start_server, tiny_repository):
         assert "tracing on" not in server.log()
 
 
+def test_every_worker_traces(start_server, tiny_repository, receiver):
+    """--workers 2: each worker process starts its own exporter (the supervisor none)."""
+    server = start_server(tiny_repository, "--workers", "2", "--trace-rate", "1.0", env=_otel_env(receiver))
+    body, headers = binary_infer_body(tiny_repository.images(1))
+    clients = [_traceparent() for _ in range(6)]
+    for traceparent, _, _ in clients:  # a new connection each: the kernel spreads them over the workers
+        answer = call(server.http_port, "POST", f"/v2/models/{tiny_repository.members[0]}/infer", body,
+                      {**headers, "traceparent": traceparent})  # fmt: skip
+        assert answer.status == 200
+    receiver.wait_for(lambda r: all(len(r.trace(trace_id)) == 3 for _, trace_id, _ in clients))
+    for _, trace_id, client_span in clients:
+        assert _only(receiver.trace(trace_id), parent_span_id=client_span).attributes["inference.protocol"] == "http"
+    assert server.log().count("tracing on (--trace-rate 1)") == 2, server.log()
+
+
 # -- without the `tracing` extra -----------------------------------------------------------
 BLOCK_OPENTELEMETRY = ("import runpy, sys; sys.modules['opentelemetry'] = None; sys.argv[0] = 'server'; "
                        "runpy.run_module('server', run_name='__main__', alter_sys=True)")  # fmt: skip
