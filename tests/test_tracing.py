@@ -19,12 +19,13 @@ import time
 
 import pytest
 
-from ensemble_serving.protocol import grpc_service_pb2 as pb
-from server.observability import tracing
-from tests.support.http import binary_infer_body, call
-from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, span_tree
-from tests.support.requests import infer_request
-from tests.support.servers import ROOT, RunningServer, free_port, server_command, wait_until_ready
+pytest.importorskip("opentelemetry.sdk.trace", reason="the `tracing` extra is not installed")
+
+from server.observability import tracing  # noqa: E402
+from tests.support.http import binary_infer_body, call  # noqa: E402
+from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, span_tree  # noqa: E402
+from tests.support.requests import infer_request  # noqa: E402
+from tests.support.servers import ROOT, RunningServer, free_port, server_command, wait_until_ready  # noqa: E402
 
 SERVICE = "ensemble-serving-under-test"
 # Requests wait this long for company (Triton's rule), so that concurrent ones share a batch.
