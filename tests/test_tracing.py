@@ -66,6 +66,13 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def traced_server(start_server, tiny_repository, receiver) -> RunningServer:
+    """Every request traced; batching as the repository's config.pbtxt says."""
+    return start_server(tiny_repository, "--trace-rate", "1.0", env=_otel_env(receiver))
+
+
+@pytest.fixture(scope="module")
+def gathering_server(start_server, tiny_repository, receiver) -> RunningServer:
+    """Every request traced, and each waits QUEUE_DELAY_US for others to share its batch."""
     return start_server(tiny_repository, "--trace-rate", "1.0", "--max-queue-delay-us", str(QUEUE_DELAY_US),
                         "--queue-delay", "triton", env=_otel_env(receiver))  # fmt: skip
 
@@ -166,8 +173,8 @@ def test_failed_request_has_its_error_code_as_outcome(traced_server, tiny_reposi
     assert len(receiver.trace(trace_id)) == 1, "refused before any queue"
 
 
-def test_one_batch_span_is_linked_to_every_request_in_its_batch(traced_server, tiny_repository, receiver):
-    stub = traced_server.stub()
+def test_one_batch_span_is_linked_to_every_request_in_its_batch(gathering_server, tiny_repository, receiver):
+    stub = gathering_server.stub()
     member = tiny_repository.members[1]
     clients = [_traceparent() for _ in range(4)]
     start = threading.Barrier(len(clients))
