@@ -246,6 +246,22 @@ def test_every_worker_traces(start_server, tiny_repository, receiver):
     assert server.log().count("tracing on (--trace-rate 1)") == 2, server.log()
 
 
+def test_a_collector_that_is_down_costs_no_request(start_server, tiny_repository):
+    """Export fails (nothing listens at the endpoint): every request is still answered, and
+    SIGTERM still ends the server, after at most OTEL_EXPORTER_OTLP_TIMEOUT of trying."""
+    nobody = f"http://127.0.0.1:{free_port()}"
+    server = start_server(tiny_repository, "--trace-rate", "1.0",
+                          env={"OTEL_EXPORTER_OTLP_ENDPOINT": nobody, "OTEL_BSP_SCHEDULE_DELAY": "50",
+                               "OTEL_EXPORTER_OTLP_TIMEOUT": "2"})  # fmt: skip
+    body, headers = binary_infer_body(tiny_repository.images(1))
+    for _ in range(20):
+        assert call(server.http_port, "POST", f"/v2/models/{tiny_repository.ensemble}/infer", body,
+                    headers).status == 200  # fmt: skip
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 20, "SIGTERM to exit"
+
+
 # -- without the `tracing` extra -----------------------------------------------------------
 BLOCK_OPENTELEMETRY = ("import runpy, sys; sys.modules['opentelemetry'] = None; sys.argv[0] = 'server'; "
                        "runpy.run_module('server', run_name='__main__', alter_sys=True)")  # fmt: skip
