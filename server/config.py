@@ -190,8 +190,8 @@ settings_options: list[Callable] = [
             help="Turn on OpenTelemetry tracing and keep this fraction of the requests (0 < R <= 1; 0: off): "
                  "one trace per inference request (HTTP and gRPC) with spans for its queue wait, its batch and "
                  "each ensemble step, exported over OTLP/HTTP to $OTEL_EXPORTER_OTLP_ENDPOINT (default "
-                 "http://localhost:4318). A request whose client sent a sampled W3C traceparent is always "
-                 "traced (sampler parentbased_traceidratio). Without the flag, the standard "
+                 "http://localhost:4318). A request carrying a client's W3C traceparent follows the client's "
+                 "sampling decision (sampler parentbased_traceidratio). Without the flag, the standard "
                  "OTEL_TRACES_SAMPLER[_ARG] variables decide (unset: tracing off); OTEL_SERVICE_NAME names the "
                  "service (default ensemble-serving). Needs the `tracing` extra."),
 ]
