@@ -9,7 +9,7 @@ Subpackages, in the order a request meets them; each may import only those below
   inference/      the protocol's operations for both transports, and the request codec
   models/         repository, onnxruntime sessions, registry, ensembles, model control
   scheduling/     dynamic batching: queues, batches, how a request waits for them
-  observability/  Prometheus metrics, ModelStatistics, grpc.health.v1
+  observability/  Prometheus metrics, ModelStatistics, grpc.health.v1, OpenTelemetry tracing
 
 Below them all:
 

@@ -61,6 +61,8 @@ class ServerSettings:
     model_control_mode: str = "none"
     repository_poll_secs: float = 15.0
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start-up ("*": all)
+    # -- tracing (server/observability/tracing.py); off by default --
+    trace_rate: float | None = None  # None: OTEL_TRACES_SAMPLER decides (unset: off)
 
     @property
     def grpc_address(self) -> str:
@@ -183,6 +185,15 @@ settings_options: list[Callable] = [
     _option("--load-model", "load_models", multiple=True,
             help="Explicit mode: load this model at start-up (repeatable; '*' for every model; an ensemble "
                  "brings its steps; the environment variable takes names separated by spaces). Default: none."),
+    # -- tracing (server/observability/tracing.py) --
+    _option("--trace-rate", "trace_rate", type=click.FloatRange(0, 1),
+            help="Turn on OpenTelemetry tracing and keep this fraction of the requests (0 < R <= 1; 0: off): "
+                 "one trace per inference request (HTTP and gRPC) with spans for its queue wait, its batch and "
+                 "each ensemble step, exported over OTLP/HTTP to $OTEL_EXPORTER_OTLP_ENDPOINT (default "
+                 "http://localhost:4318). A request carrying a client's W3C traceparent follows the client's "
+                 "sampling decision (sampler parentbased_traceidratio). Without the flag, the standard "
+                 "OTEL_TRACES_SAMPLER[_ARG] variables decide (unset: tracing off); OTEL_SERVICE_NAME names the "
+                 "service (default ensemble-serving). Needs the `tracing` extra."),
 ]
 
 

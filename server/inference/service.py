@@ -29,6 +29,7 @@ from server.inference.request_codec import (
 )
 from server.models.control import ModelController
 from server.models.registry import LoadedModel, ModelRegistry
+from server.observability import tracing
 from server.observability.metrics import ServerMetrics
 from server.observability.statistics import merge_statistics
 from server.scheduling.batcher import CallScope
@@ -93,12 +94,19 @@ class _AccountedCall:
     INTERNAL: a bug must cost one request, not the server. A plain class rather than a
     @contextmanager, which costs several times as much on every request's path."""
 
-    __slots__ = ("state", "metrics", "protocol", "deadline", "start", "model")
+    __slots__ = ("state", "metrics", "protocol", "deadline", "start", "model", "span", "tracer")
 
     def __init__(self, state: ServerState, metrics: ServerMetrics, protocol: str, deadline: float | None):
         self.state, self.metrics, self.protocol, self.deadline = state, metrics, protocol, deadline
         self.start = time.perf_counter()
         self.model: LoadedModel | None = None  # set once the model is found
+        self.span = None  # tracing on and this request sampled: its span (server/observability/tracing.py)
+
+    def trace(self, request: WireRequest, carrier, scope: CallScope) -> None:
+        """Tracing is on: start the request's span (continuing the client's traceparent in
+        `carrier`), which the call's tickets then belong to."""
+        self.tracer = tracing.active
+        self.span = scope.trace = self.tracer.start_request(request.model_name, self.protocol, carrier)
 
     def __enter__(self) -> _AccountedCall:
         self.state.begin_request()
@@ -109,11 +117,11 @@ class _AccountedCall:
             if error is None:
                 self._count("success")
             elif isinstance(error, InferenceError):
-                self._count(self._outcome(error))
+                self._count(self._outcome(error), error)
             elif isinstance(error, Exception):
                 log.exception("inference on model %s failed", self.model.spec.name if self.model else "?",
                               exc_info=error)
-                self._count("internal")
+                self._count("internal", error)
                 raise InferenceError(grpc.StatusCode.INTERNAL,
                                      f"internal error: {type(error).__name__}: {error}") from None
         finally:
@@ -128,8 +136,10 @@ class _AccountedCall:
             return "deadline_exceeded" if expired else "cancelled"
         return _OUTCOME.get(error.code, "internal")
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str, error: BaseException | None = None) -> None:
         elapsed = time.perf_counter() - self.start
+        if self.span is not None:
+            self.tracer.end_request(self.span, "ok" if outcome == "success" else outcome, error)
         if self.model is None:
             self.metrics.count_unknown_model_request(self.protocol, outcome)
             return
@@ -210,18 +220,24 @@ class InferenceService:
             raise InferenceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}") from None
 
     # -- inference -------------------------------------------------------------------------
-    def infer(self, request: WireRequest, deadline: float | None, scope: CallScope,
-              protocol: str) -> WireResponse:  # fmt: skip
-        """Serve one request on this thread (gRPC's worker threads)."""
+    def infer(self, request: WireRequest, deadline: float | None, scope: CallScope, protocol: str,
+              carrier=None) -> WireResponse:  # fmt: skip
+        """Serve one request on this thread (gRPC's worker threads). `carrier`: where a
+        client's W3C traceparent may be (gRPC's metadata), read only with tracing on."""
         with _AccountedCall(self.state, self.metrics, protocol, deadline) as call:
+            if tracing.active is not None:
+                call.trace(request, carrier, scope)
             decoded = self._decode(request, call)
             outputs = run_blocking(call.model.scheduler.steps(decoded.inputs, decoded.batch_size, deadline, scope))
             return encode_response(call.model.spec, call.model.version, request.id, outputs, decoded.outputs)
 
-    async def infer_async(self, request: WireRequest, deadline: float | None, scope: CallScope,
-                          protocol: str) -> WireResponse:  # fmt: skip
-        """Serve one request on the running event loop (the HTTP endpoint)."""
+    async def infer_async(self, request: WireRequest, deadline: float | None, scope: CallScope, protocol: str,
+                          carrier=None) -> WireResponse:  # fmt: skip
+        """Serve one request on the running event loop (the HTTP endpoint); `carrier`: the
+        request's headers (a dict), read only with tracing on."""
         with _AccountedCall(self.state, self.metrics, protocol, deadline) as call:
+            if tracing.active is not None:
+                call.trace(request, carrier, scope)
             decoded = self._decode(request, call)
             outputs = await run_async(call.model.scheduler.steps(decoded.inputs, decoded.batch_size, deadline, scope))
             return encode_response(call.model.spec, call.model.version, request.id, outputs, decoded.outputs)
@@ -234,5 +250,8 @@ class InferenceService:
                                  else "the server is not ready: models are still loading")
         # A lease: a version replaced meanwhile finishes this request before it closes.
         call.model = state.registry.acquire(request.model_name, request.model_version)
-        return decode_request(request, call.model.spec)
+        decoded = decode_request(request, call.model.spec)
+        if call.span is not None:
+            call.tracer.request_decoded(call.span, call.model.version, decoded.batch_size)
+        return decoded
 

@@ -19,6 +19,7 @@ import grpc
 from server.errors import InferenceError
 from server.models.registry import ModelRegistry
 from server.models.repository import ModelSpec
+from server.observability import tracing
 from server.observability.statistics import ModelStats
 from server.scheduling.batcher import CallScope, DynamicBatcher, Steps, Tensors
 
@@ -98,13 +99,27 @@ class EnsembleScheduler:
                    scope: CallScope | None) -> Steps:  # fmt: skip
         """Every wave's tickets submitted at once, then yielded to wait for; returns every tensor."""
         tensors = dict(inputs)
+        request_span = scope.trace if scope is not None else None
+        tracer = tracing.active if request_span is not None else None  # None unless this request is traced
         for wave in self._waves:
             tickets = []
-            for index in wave:
-                step_inputs = {member_input: tensors[source]
-                               for member_input, source in self.spec.steps[index].input_map.items()}
-                tickets.append((batchers[index], batchers[index].submit(step_inputs, batch_size, deadline, scope)))
-            answers = yield tickets
+            spans = [] if tracer is None else [
+                tracer.start_step(request_span, self.spec.name, batchers[index].name, batchers[index].version)
+                for index in wave]  # fmt: skip
+            try:
+                for position, index in enumerate(wave):
+                    step_inputs = {member_input: tensors[source]
+                                   for member_input, source in self.spec.steps[index].input_map.items()}
+                    step_span = spans[position] if spans else None
+                    tickets.append((batchers[index],
+                                    batchers[index].submit(step_inputs, batch_size, deadline, scope, step_span)))
+                answers = yield tickets
+            except BaseException as error:  # also GeneratorExit: an abandoned request ends its steps' spans
+                if spans:
+                    tracer.end_steps(spans, error)
+                raise
+            if spans:
+                tracer.end_steps(spans, None)
             for index, outputs in zip(wave, answers):
                 tensors.update({target: outputs[member_output]
                                 for member_output, target in self.spec.steps[index].output_map.items()})

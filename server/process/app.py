@@ -46,6 +46,7 @@ from server.models.repository import (
 )
 from server.models.runtime import DeviceError, choose_providers
 from server.observability.health import HealthReporter, enable_reflection
+from server.observability import tracing
 from server.observability.metrics import ServerMetrics
 from server.process.siblings import SiblingStatistics
 from server.process.worker_role import WorkerRole
@@ -136,6 +137,7 @@ async def serve(settings: ServerSettings, role: WorkerRole | None = None) -> Non
     """Run one server (or, with `role`, one worker of `--workers N`) until a signal stops it."""
     repository, specs, failures = _plan(settings)
     names = [spec.name for spec in specs]
+    tracing.start(settings.trace_rate, {"ensemble_serving.worker": role.index} if role is not None else None)
     metrics = ServerMetrics(multiprocess=role is not None)
     state = ServerState()
     state.controller = ModelController(settings, repository, state.registry, metrics)
@@ -167,6 +169,7 @@ async def serve(settings: ServerSettings, role: WorkerRole | None = None) -> Non
         await ports.stop()
         await asyncio.to_thread(state.registry.close)
         metrics.shutdown()
+        await asyncio.to_thread(tracing.stop)  # exports the spans still buffered
     log.info("stopped")
 
 
@@ -190,7 +193,8 @@ def _plan(settings: ServerSettings) -> tuple[Repository, list[ModelSpec], dict[s
             if settings.model_control_mode != "explicit":
                 _check_some_model_loads([spec.name for spec in specs], failures)
         choose_providers(settings.device)  # `--device cuda` without CUDA fails here
-    except (RepositoryError, DeviceError) as error:
+        tracing.check(settings.trace_rate)  # asked for without the `tracing` extra: fails here
+    except (RepositoryError, DeviceError, tracing.TracingConfigError) as error:
         raise StartupError(str(error)) from None
     names = [spec.name for spec in specs]
     for name, reason in repository.errors.items():

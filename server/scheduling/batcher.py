@@ -41,6 +41,7 @@ import grpc
 import numpy as np
 
 from server.errors import InferenceError
+from server.observability import tracing
 from server.observability.metrics import ModelMetrics
 from server.observability.statistics import ModelStats
 
@@ -68,10 +69,11 @@ class Ticket:
     """One request in a batcher: its inputs, then its outputs or its error."""
 
     __slots__ = ("inputs", "batch_size", "deadline", "arrival_ns", "outputs", "error", "queued", "on_answer",
-                 "_answered")
+                 "trace", "_answered")
 
-    def __init__(self, inputs: Tensors, batch_size: int, deadline: float | None):
+    def __init__(self, inputs: Tensors, batch_size: int, deadline: float | None, trace=None):
         self.inputs = inputs
+        self.trace = trace  # tracing on: the span (request or ensemble step) it is part of; else None
         self.batch_size = batch_size
         self.deadline = deadline  # time.monotonic() seconds, or None
         self.arrival_ns = time.monotonic_ns()
@@ -106,10 +108,11 @@ class CallScope:
     """The tickets one client call holds, so that ending the call withdraws them all.
     gRPC runs `cancel` when the call ends for any reason; answered tickets ignore it."""
 
-    __slots__ = ("_tickets",)
+    __slots__ = ("_tickets", "trace")
 
     def __init__(self) -> None:
         self._tickets: list[tuple[DynamicBatcher, Ticket]] = []
+        self.trace = None  # tracing on: the call's request span (server/observability/tracing.py)
 
     def hold(self, batcher: DynamicBatcher, ticket: Ticket) -> None:
         self._tickets.append((batcher, ticket))
@@ -161,9 +164,10 @@ class DynamicBatcher:
             self._threads.append(thread)
 
     # -- callers' side ---------------------------------------------------------------------
-    def submit(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None
-               ) -> Ticket:  # fmt: skip
-        ticket = Ticket(inputs, batch_size, deadline)
+    def submit(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None,
+               trace=None) -> Ticket:  # fmt: skip
+        """Queue a request; `trace` is the span it belongs to when tracing is on."""
+        ticket = Ticket(inputs, batch_size, deadline, trace)
         with self._lock:
             if self._closed:
                 raise InferenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -193,7 +197,8 @@ class DynamicBatcher:
     def steps(self, inputs: Tensors, batch_size: int, deadline: float | None, scope: CallScope | None = None
               ) -> Steps:  # fmt: skip
         """One request as a `Steps` generator: one ticket to wait for, then its outputs."""
-        (outputs,) = yield [(self, self.submit(inputs, batch_size, deadline, scope))]
+        trace = scope.trace if scope is not None else None
+        (outputs,) = yield [(self, self.submit(inputs, batch_size, deadline, scope, trace))]
         return outputs
 
     def expire_if_queued(self, ticket: Ticket) -> None:
@@ -280,17 +285,24 @@ class DynamicBatcher:
 
     def _execute(self, batch: list[Ticket]) -> None:
         started_ns = time.monotonic_ns()
+        tracer = tracing.active
+        span = None if tracer is None else tracer.start_batch(self.name, self.version, batch, started_ns,
+                                                               sum(ticket.batch_size for ticket in batch))
         try:
             outputs, timings = self._compute(batch)
         except Exception as error:  # a failed execution must fail its requests, never the server
             log.exception("model %s version %s: execution failed", self.name, self.version)
             failure = InferenceError(grpc.StatusCode.INTERNAL, f"model {self.name!r} failed to execute: {error}")
+            if span is not None:
+                tracer.end_batch(span, failure)
             self._computed(batch)
             finished_ns = time.monotonic_ns()
             self._stats.record_failures([finished_ns - ticket.arrival_ns for ticket in batch])
             for ticket in batch:
                 ticket.answer(None, failure)
             return
+        if span is not None:  # ended before the answers go out: a trace's last span must not outlive its request
+            tracer.end_batch(span, None)
         self._computed(batch)
         finished_ns = time.monotonic_ns()
         for ticket, ticket_outputs in zip(batch, outputs):

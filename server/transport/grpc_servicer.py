@@ -17,6 +17,7 @@ from server.errors import InferenceError
 from server.inference.request_codec import from_grpc, to_grpc
 from server.inference.service import InferenceService
 from server.models.control import FILE_PARAMETER_PREFIX
+from server.observability import tracing
 from server.scheduling.batcher import CallScope
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Runs when the call ends for any reason: a client that cancelled, or whose
         # deadline passed, leaves the queues at once.
         context.add_callback(scope.cancel)
-        return to_grpc(_answer(context, self.service.infer, from_grpc(request), deadline, scope, "grpc"))
+        carrier = context.invocation_metadata() if tracing.active is not None else None  # a client's traceparent
+        return to_grpc(_answer(context, self.service.infer, from_grpc(request), deadline, scope, "grpc", carrier))
 
 
 def _answer(context, operation, *args):

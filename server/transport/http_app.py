@@ -313,7 +313,8 @@ class HttpApp:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         scope = CallScope()
         try:
-            answer = await self.service.infer_async(inference, deadline, scope, "http")
+            # The headers carry a client's traceparent; only read with tracing on.
+            answer = await self.service.infer_async(inference, deadline, scope, "http", request.headers)
         finally:
             scope.cancel()  # whatever is still queued for this request (an ensemble's other steps)
         body, header_length = infer_response(answer, response_format)
