@@ -261,7 +261,7 @@ def _open_ports(settings: ServerSettings, service: InferenceService, role: Worke
         http = None
         if settings.http_port:
             app = HttpApp(service, security.tokens, settings.max_message_size)
-            http = HttpEndpoint(app, settings, shared_port=role is not None)
+            http = HttpEndpoint(app, settings, metrics, shared_port=role is not None)
     except StartupError:
         metrics.shutdown()
         raise
