@@ -42,12 +42,12 @@ CONNECT_AT_ONCE = 200  # connections being opened at a time (the listen backlog 
 
 # -- the trickling connections (run in their own process, `--trickle-only`) ---------------------
 async def _trickle_one(host: str, port: int, interval: float, deadline: float, opened: list, closes: list) -> None:
+    started = time.monotonic()  # before the server can accept it: its lifetime is at least the server's timeout
     try:
         reader, writer = await asyncio.open_connection(host, port)
     except OSError:
         closes.append(("connect_failed", 0.0))
         return
-    started = time.monotonic()
     opened.append(1)
     writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: slow-client\r\n")
     line = 0

@@ -148,7 +148,7 @@ def _check_slow_clients(report: dict, connections: int, timeout_s: float, p99_fa
     assert report["closed_by_server"] == connections and report["still_open"] == 0, report
     assert report["outcomes"].get("408") == connections, report["outcomes"]
     closed = report["closed_after_s"]
-    assert timeout_s * 0.9 <= closed["min"] and closed["max"] < timeout_s + 5.0, closed
+    assert timeout_s - 0.05 <= closed["min"] and closed["max"] < timeout_s + 5.0, closed
     assert report["steady_during"]["errors"] == 0 and report["steady_alone"]["errors"] == 0
     alone, during = report["steady_alone"]["p99_ms"], report["steady_during"]["p99_ms"]
     assert during <= p99_factor * alone + 5.0, f"steady p99 {during} ms during the trickle, {alone} ms alone"
