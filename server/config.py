@@ -62,8 +62,8 @@ class ServerSettings:
     http_header_timeout_s: float = 15.0
     http_keep_alive_timeout_s: float = 60.0
     http_max_connections: int | None = None  # None: unbounded (per worker with --workers)
-    worker_restart_limit: int = 5  # worker deaths within the window that stop the server
-    worker_restart_window_s: float = 60.0
+    max_worker_deaths: int = 5  # --workers: deaths within the window that stop the server
+    worker_death_window_s: float = 60.0
     # Model control (server/models/control.py): Triton's modes, flags and defaults.
     model_control_mode: str = "none"
     repository_poll_secs: float = 15.0
@@ -194,12 +194,13 @@ settings_options: list[Callable] = [
                  "closed as soon as it is accepted (reason=\"max_connections\"). Bounds the file descriptors "
                  "and memory that HTTP clients can take. Default: unbounded (the header and keep-alive "
                  "timeouts still close idle and slow ones)."),
-    _option("--worker-restart-limit", type=click.IntRange(1), show_default=True,
-            help="With --workers: a worker that dies (killed, crashed) is restarted with backoff while the "
-                 "others serve; this many deaths within --worker-restart-window stop the whole server "
-                 "(exit 1, with an error naming the workers and their exit statuses)."),
-    _option("--worker-restart-window", "worker_restart_window_s", type=click.FloatRange(min=1), show_default=True,
-            help="Seconds over which --worker-restart-limit counts worker deaths."),
+    _option("--max-worker-deaths", type=click.IntRange(1), show_default=True,
+            help="With --workers, a worker that dies (killed, crashed) is restarted, with backoff (0.5 s, "
+                 "doubling up to 10 s), while the others serve; it listens again once its models are "
+                 "loaded. This many deaths within --worker-death-window stop the whole server instead "
+                 "(exit 1, with an error naming the deaths); 1: the first death stops it."),
+    _option("--worker-death-window", "worker_death_window_s", type=click.FloatRange(min=1), show_default=True,
+            help="Seconds over which --max-worker-deaths counts worker deaths."),
     # -- model control (server/models/control.py) --
     _option("--model-control-mode", type=click.Choice(MODEL_CONTROL_MODES), show_default=True,
             help="none: load the models at start-up, then never change them. poll: also watch the repository "
