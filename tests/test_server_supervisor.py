@@ -8,9 +8,12 @@ import time
 
 import grpc
 import psutil
+import pytest
 import requests
 
+from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.process.supervisor import DeathWindow, TooManyDeaths, describe_exit
 from tests.support.requests import infer_request
 from tests.support.servers import wait_until
 
@@ -125,6 +128,10 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_requests_fail(start
         wait_until(server, lambda: load.ok >= 100, timeout=60, what="serving again")
         assert _established(replacement, server.grpc_port) > 0 and _established(survivor, server.grpc_port) > 0
     assert load.failed == 0, load.failures
+    # The siblings find the replacement's private socket again: statistics add up both.
+    stub = pb_grpc.GRPCInferenceServiceStub(server.channel())
+    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name=member), timeout=10).model_stats
+    assert stats[0].inference_stats.success.count > 0
 
 
 def test_workers_that_keep_dying_stop_the_server(start_server, tiny_repository):
@@ -147,3 +154,16 @@ def test_with_one_death_allowed_the_first_stops_the_server(start_server, tiny_re
     victim.kill()
     assert server.process.wait(timeout=60) == 1
     assert "1 worker deaths within 60 s (--max-worker-deaths 1): worker-" in server.log()
+
+
+def test_the_death_window_counts_only_recent_deaths():
+    window = DeathWindow(limit=3, window_s=60)
+    window.record(0.0, "worker-1 (pid 10) killed by SIGKILL")
+    window.record(30.0, "worker-2 (pid 11) exit status 1")
+    window.record(85.0, "worker-1 (pid 12) killed by SIGSEGV")  # the first is 85 s old: forgotten
+    assert len(window.deaths) == 2
+    with pytest.raises(TooManyDeaths) as error:
+        window.record(88.0, "worker-2 (pid 13) killed by SIGKILL")
+    assert str(error.value) == ("3 worker deaths within 60 s (--max-worker-deaths 3): worker-2 (pid 11) exit status 1; "
+                                "worker-1 (pid 12) killed by SIGSEGV; worker-2 (pid 13) killed by SIGKILL")
+    assert describe_exit(-9) == "killed by SIGKILL" and describe_exit(1) == "exit status 1"
