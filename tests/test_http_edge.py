@@ -110,6 +110,18 @@ def test_kept_alive_requests_each_get_the_timeout_and_idle_ones_the_keep_alive_t
     _wait_for(lambda: _closed(edge_server, "keep_alive_timeout") == before + 1)
 
 
+def test_a_later_request_on_a_kept_alive_connection_gets_its_own_header_deadline(edge_server):
+    sock = _connect(edge_server)
+    time.sleep(0.7)  # most of the connection's first deadline
+    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _read_response(sock).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")  # the next request's headers: never finished
+    started = time.monotonic()
+    assert _read_until_closed(sock, timeout=5).startswith(b"HTTP/1.1 408")
+    assert 0.9 <= time.monotonic() - started < 3.0
+    sock.close()
+
+
 def test_connections_beyond_the_limit_are_closed_at_once_and_counted(start_server, tiny_repository):
     server = start_server(tiny_repository, "--http-max-connections", "3")
     held = [_connect(server) for _ in range(3)]

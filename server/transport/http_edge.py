@@ -56,6 +56,7 @@ class _EdgeProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
         self._header_timer: TimerHandle | None = None
+        self._in_headers = False  # a request has begun and its headers are not complete yet
         self._counted_open = False
         limit = self._limits.max_connections
         if limit is not None and len(self.connections) >= limit:
@@ -80,11 +81,20 @@ class _EdgeProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     # -- the header timeout -------------------------------------------------------------------
+    # One timer per connection, armed when it opens. A later request on a kept-alive
+    # connection gets a timer only if its headers did not all come in one read (the usual
+    # case is that they do), so the hot path pays for no timer per request.
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_headers and not self.transport.is_closing():
+            self._arm_header_timer()  # the next request's headers are incomplete: its own deadline
+
     def on_message_begin(self) -> None:
+        self._in_headers = True
         super().on_message_begin()
-        self._arm_header_timer()  # the next request on a kept-alive connection: its own deadline
 
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         self._cancel_header_timer()
         super().on_headers_complete()
 
