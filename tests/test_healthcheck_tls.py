@@ -40,7 +40,8 @@ def tls_server(start_server, tiny_repository, pki):  # noqa: F811
 
 def test_https_check_trusts_the_servers_own_certificate_or_a_ca(tls_server, pki):  # noqa: F811
     own = healthcheck(tls_server, ENSEMBLE_SERVER_TLS_CERT=str(pki.server.cert))
-    assert own.returncode == 0 and f"GET https://127.0.0.1:{tls_server.http_port}/v2/health/ready: 200 (ready)" in own.stdout
+    url = f"https://127.0.0.1:{tls_server.http_port}/v2/health/ready"
+    assert own.returncode == 0 and f"GET {url}: 200 (ready)" in own.stdout, own.stdout
     by_ca = healthcheck(tls_server, ENSEMBLE_SERVER_TLS_CERT=str(pki.server.cert), ENSEMBLE_HEALTHCHECK_CA=str(pki.ca),
                         ENSEMBLE_HEALTHCHECK_SERVER_NAME="localhost")  # fmt: skip
     assert by_ca.returncode == 0, by_ca.stdout

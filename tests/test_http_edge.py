@@ -51,7 +51,8 @@ def _read_response(sock: socket.socket) -> bytes:
     while b"\r\n\r\n" not in received:
         received += sock.recv(4096)
     head, body = received.split(b"\r\n\r\n", 1)
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    lines = head.split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length"))
     while len(body) < length:
         body += sock.recv(4096)
     return head + b"\r\n\r\n" + body
@@ -83,7 +84,8 @@ def test_trickled_headers_get_408_and_are_closed_at_the_timeout(edge_server):
     answer = _read_until_closed(sock, timeout=5)
     elapsed = time.monotonic() - started
     sock.close()
-    assert answer.startswith(b"HTTP/1.1 408 Request Timeout") and answer.endswith(b"request headers not received in time")
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer
+    assert answer.endswith(b"request headers not received in time"), answer
     assert 0.9 <= elapsed < 3.0, elapsed
     _wait_for(lambda: _closed(edge_server, "header_timeout") == before + 1)
 

@@ -27,6 +27,7 @@ from server.transport.http_edge import EdgeLimits, edge_protocol
 
 log = logging.getLogger(__name__)
 
+
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn's server without its signal handlers: SIGTERM is the lifecycle's to handle."""
 
