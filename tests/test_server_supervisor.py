@@ -153,7 +153,7 @@ def test_with_one_death_allowed_the_first_stops_the_server(start_server, tiny_re
     victim = _workers(server)[0]
     victim.kill()
     assert server.process.wait(timeout=60) == 1
-    assert "1 worker deaths within 60 s (--max-worker-deaths 1): worker-" in server.log()
+    assert "server: error: 1 worker death within 60 s (--max-worker-deaths 1): worker-" in server.log()
 
 
 def test_the_death_window_counts_only_recent_deaths():

@@ -68,7 +68,8 @@ class DeathWindow:
         while self.deaths and now - self.deaths[0][0] > self.window_s:
             self.deaths.popleft()
         if len(self.deaths) >= self.limit:
-            raise TooManyDeaths(f"{len(self.deaths)} worker deaths within {self.window_s:g} s "
+            count = len(self.deaths)
+            raise TooManyDeaths(f"{count} worker {'death' if count == 1 else 'deaths'} within {self.window_s:g} s "
                                 f"(--max-worker-deaths {self.limit}): " + "; ".join(w for _, w in self.deaths))
 
 
