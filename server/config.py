@@ -57,6 +57,13 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_tokens_file: Path | None = None
+    # The HTTP edge (server/transport/http_edge.py) and the workers' supervisor
+    # (server/process/supervisor.py).
+    http_header_timeout_s: float = 15.0
+    http_keep_alive_timeout_s: float = 60.0
+    http_max_connections: int | None = None  # None: unbounded (per worker with --workers)
+    max_worker_deaths: int = 5  # --workers: deaths within the window that stop the server
+    worker_death_window_s: float = 60.0
     # Model control (server/models/control.py): Triton's modes, flags and defaults.
     model_control_mode: str = "none"
     repository_poll_secs: float = 15.0
@@ -173,6 +180,29 @@ settings_options: list[Callable] = [
                  "(others get UNAUTHENTICATED). The file holds one token per line ('#' comments). "
                  "Tokens can also come, comma-separated, from $ENSEMBLE_SERVER_AUTH_TOKENS. "
                  "Use with TLS: in plaintext tokens can be read off the network."),
+    # -- the HTTP edge (server/transport/http_edge.py) and worker supervision (server/process/supervisor.py) --
+    _option("--http-header-timeout", "http_header_timeout_s", type=click.FloatRange(min=0.001), show_default=True,
+            help="Seconds a client has, from connecting (or from the first byte of its next request on a "
+                 "kept-alive connection), to send complete request headers; then the server answers 408 and "
+                 "closes the connection (as nginx's client_header_timeout), so clients that trickle headers "
+                 "cannot hold connections open. Counted in "
+                 "ensemble_server_http_connections_closed_total{reason=\"header_timeout\"}."),
+    _option("--http-keep-alive-timeout", "http_keep_alive_timeout_s", type=click.FloatRange(min=0.001),
+            show_default=True,
+            help="Seconds an idle keep-alive HTTP connection stays open after its last response "
+                 "(reason=\"keep_alive_timeout\" in the same counter)."),
+    _option("--http-max-connections", type=click.IntRange(1),
+            help="Most HTTP connections open at once (per worker with --workers); a connection beyond it is "
+                 "closed as soon as it is accepted (reason=\"max_connections\"). Bounds the file descriptors "
+                 "and memory that HTTP clients can take. Default: unbounded (the header and keep-alive "
+                 "timeouts still close idle and slow ones)."),
+    _option("--max-worker-deaths", type=click.IntRange(1), show_default=True,
+            help="With --workers, a worker that dies (killed, crashed) is restarted, with backoff (0.5 s, "
+                 "doubling up to 10 s), while the others serve; it listens again once its models are "
+                 "loaded. This many deaths within --worker-death-window stop the whole server instead "
+                 "(exit 1, with an error naming the deaths); 1: the first death stops it."),
+    _option("--worker-death-window", "worker_death_window_s", type=click.FloatRange(min=1), show_default=True,
+            help="Seconds over which --max-worker-deaths counts worker deaths."),
     # -- model control (server/models/control.py) --
     _option("--model-control-mode", type=click.Choice(MODEL_CONTROL_MODES), show_default=True,
             help="none: load the models at start-up, then never change them. poll: also watch the repository "

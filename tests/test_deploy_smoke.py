@@ -1,5 +1,7 @@
 """The CPU image end to end: deploy/smoke-test builds it, serves the exported model
-repository from it, evaluates real test images through it and stops it with SIGTERM.
+repository from it, evaluates real test images through it and stops it with SIGTERM; then
+serves it again with TLS on, where the image's own HEALTHCHECK must pass over HTTPS and
+gRPC with TLS.
 
 Slow (an image build) and needs root (the container tool installs podman on first use),
 ../shared/tools/container, the exported model_repository/ and the real data sets:
@@ -32,5 +34,9 @@ def test_smoke_test_passes_against_the_built_image():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "SMOKE TEST: PASS" in output
-    for step in ("build:", "user:", "serve:", "health:", "evaluate:", "http:", "metrics:", "stop: exited with status 0"):
+    for step in ("build:", "user:", "serve:", "health:", "evaluate:", "http:", "metrics:", "stop: exited with status 0",
+                 "tls: the server in the image serves HTTPS",
+                 "tls: the image's HEALTHCHECK (python3 /opt/healthcheck.py) passes with TLS on",
+                 "tls: the image's HEALTHCHECK (python3 /opt/healthcheck.py --grpc) passes with TLS on",
+                 "tls: curl --cacert", "tls: a plain-HTTP health check", "tls: stopped with status 0"):
         assert f"PASS  {step}" in output, output[-4000:]

@@ -123,13 +123,6 @@ def test_sigterm_drains_every_worker_then_exits_zero(two_workers, tiny_repositor
     assert log.count("SIGTERM received: shutting down") == 2 and "all workers stopped" in log
 
 
-def test_a_worker_that_dies_stops_the_server(two_workers):
-    victim = _workers(two_workers)[0]
-    victim.kill()
-    assert two_workers.process.wait(timeout=60) == 1
-    assert f"(pid {victim.pid}) exited with status -9; stopping the others" in two_workers.log()
-
-
 def test_workers_refuse_explicit_model_control(tiny_repository):
     command = server_command(tiny_repository.path, free_port(), free_port(), "--workers", "2",
                              "--model-control-mode", "explicit")  # fmt: skip

@@ -25,6 +25,10 @@ histograms) and carry `model` and `version` labels:
   ensemble_server_model_loaded_versions{model}       how many versions of the model are served now
   ensemble_server_unauthenticated_requests_total{reason}  calls refused for a missing or invalid
                                                      bearer token (--auth-tokens-file)
+  ensemble_server_http_connections_closed_total{reason}  HTTP connections closed by the edge's limits:
+                                                     header_timeout, keep_alive_timeout, max_connections
+  ensemble_server_http_connections_open              HTTP connections open now
+  ensemble_server_worker_restarts_total{worker}      --workers: dead workers restarted (the supervisor's)
 
 With `--workers N` (server/process/workers.py) every worker writes its values to files
 (prometheus_client's multiprocess mode) and the supervisor serves their sum: counters and
@@ -56,6 +60,7 @@ OUTCOMES = ("success", "invalid_argument", "not_found", "unavailable", "resource
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 PROTOCOLS = ("grpc", "http")
+HTTP_CLOSE_REASONS = ("header_timeout", "keep_alive_timeout", "max_connections")
 PENDING_SAMPLE_S = 1.0  # --workers: how often a worker writes its queues' lengths
 
 
@@ -182,6 +187,14 @@ class ServerMetrics:
         self.unauthenticated = Counter(f"{PREFIX}_unauthenticated_requests",
                                        "Calls refused with UNAUTHENTICATED: bearer token missing or invalid.",
                                        ("reason",), **kwargs)
+        # The HTTP edge's limits (server/transport/http_edge.py).
+        self.http_connections_closed = Counter(
+            f"{PREFIX}_http_connections_closed", "HTTP connections the server closed by its limits: header_timeout, "
+            "keep_alive_timeout, max_connections.", ("reason",), **kwargs)
+        self.http_connections_open = Gauge(f"{PREFIX}_http_connections_open", "HTTP connections open now.",
+                                           multiprocess_mode="livesum", **kwargs)
+        for reason in HTTP_CLOSE_REASONS:
+            self.http_connections_closed.labels(reason=reason)
         # Requests refused before a model is known (unknown name, not ready yet) count under
         # model="": create those series now so that they exist from the first scrape.
         for protocol in PROTOCOLS:

@@ -142,12 +142,17 @@ async def serve(settings: ServerSettings, role: WorkerRole | None = None) -> Non
     state = ServerState()
     state.controller = ModelController(settings, repository, state.registry, metrics)
     siblings = SiblingStatistics(role) if role is not None else None
-    ports = _open_ports(settings, InferenceService(state, metrics, siblings), role)
-    state.controller.on_model_change = ports.health.model_changed
+    service = InferenceService(state, metrics, siblings)
+    # A restarted worker listens only once it can serve: until then the kernel gives the
+    # shared ports' new connections to its siblings (server/process/supervisor.py).
+    listen_late = role is not None and role.replacement
+    ports = None
     try:
-        await ports.start(names)
-        log.info("%s (live, not ready); loading %d model(s) from %s: %s", ports.describe(), len(names),
-                 settings.model_repository, ", ".join(names))
+        if not listen_late:
+            ports = await _listen(settings, service, role, state, names)
+        log.info("%s; loading %d model(s) from %s: %s",
+                 "not listening until loaded (a restarted worker)" if ports is None else
+                 f"{ports.describe()} (live, not ready)", len(names), settings.model_repository, ", ".join(names))
         stop = asyncio.Event()
         _install_signal_handlers(stop)
         started = time.perf_counter()
@@ -158,6 +163,9 @@ async def serve(settings: ServerSettings, role: WorkerRole | None = None) -> Non
         names = _report_load_failures({**failures, **load_failures}, names, repository, metrics, settings)
         state.controller.started(repository, {**failures, **load_failures})
         state.ready = True
+        if ports is None:  # ready before its first connection can arrive
+            ports = await _listen(settings, service, role, state, names)
+            log.info("%s", ports.describe())
         metrics.ready.set(1)
         ports.health.serving(names)
         log.info("ready: %d model(s) loaded in %.1f s", len(names), time.perf_counter() - started)
@@ -166,11 +174,25 @@ async def serve(settings: ServerSettings, role: WorkerRole | None = None) -> Non
         await _drain(state, settings.grace_period_s, ports.health, metrics)
     finally:
         await asyncio.to_thread(state.controller.stop)
-        await ports.stop()
+        if ports is not None:
+            await ports.stop()
         await asyncio.to_thread(state.registry.close)
         metrics.shutdown()
         await asyncio.to_thread(tracing.stop)  # exports the spans still buffered
     log.info("stopped")
+
+
+async def _listen(settings: ServerSettings, service: InferenceService, role: WorkerRole | None,
+                  state: ServerState, names: list[str]) -> Ports:  # fmt: skip
+    """Open the ports and start serving on them (not ready until the models have loaded)."""
+    ports = _open_ports(settings, service, role)
+    state.controller.on_model_change = ports.health.model_changed
+    try:
+        await ports.start(names)
+    except BaseException:
+        await ports.stop()  # the caller's clean-up does not know of these ports yet
+        raise
+    return ports
 
 
 def check_startup(settings: ServerSettings) -> None:
@@ -265,7 +287,7 @@ def _open_ports(settings: ServerSettings, service: InferenceService, role: Worke
         http = None
         if settings.http_port:
             app = HttpApp(service, security.tokens, settings.max_message_size)
-            http = HttpEndpoint(app, settings, shared_port=role is not None)
+            http = HttpEndpoint(app, settings, metrics, shared_port=role is not None)
     except StartupError:
         metrics.shutdown()
         raise

@@ -19,6 +19,9 @@ class WorkerRole:
     count: int
     runtime_dir: Path  # private (0700): the sibling sockets and the metrics files
     secret: str  # proves a call comes from a sibling worker
+    # A restarted worker (server/process/supervisor.py): it opens the shared ports only once its
+    # models have loaded, so that the kernel keeps giving new connections to its siblings meanwhile.
+    replacement: bool = False
 
     @staticmethod
     def socket_path(runtime_dir: Path, index: int) -> Path:

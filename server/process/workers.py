@@ -14,9 +14,9 @@ What stays one server across the workers:
                asked over their private Unix sockets (server/process/siblings.py);
   SIGTERM      the supervisor passes it to every worker; each drains its requests in flight
                as a single server does; the supervisor exits 0 when all of them did.
-A worker that dies stops the others: the supervisor exits non-zero, for the orchestrator
-to restart the whole server. Explicit model control is refused: a load call would reach
-one worker only.
+  a death    a worker that dies is restarted while the others serve; workers that keep
+               dying stop the server (server/process/supervisor.py).
+Explicit model control is refused: a load call would reach one worker only.
 """
 
 from __future__ import annotations
@@ -32,19 +32,17 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, replace
-from multiprocessing.connection import wait
 from pathlib import Path
 
 from server.process.app import StartupError, check_startup
 from server.process.run import configure_logging, run_server
+from server.process.supervisor import Supervisor, WorkerMetrics
 from server.process.worker_role import WorkerRole
 
 log = logging.getLogger("server.process.workers")
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)
-WORKER_STOP_TIMEOUT_S = 10.0  # beyond the grace period, before a worker that will not stop is killed
 
 
 class WorkersError(Exception):
@@ -68,7 +66,7 @@ def supervise(settings) -> int:
             cleanup.callback(reserved.close)
             runtime_dir = _make_runtime_dir()
             cleanup.callback(shutil.rmtree, runtime_dir, True)
-            metrics_server = _serve_merged_metrics(settings, runtime_dir / "metrics")
+            metrics_server, metrics_registry = _serve_merged_metrics(settings, runtime_dir / "metrics")
             cleanup.callback(metrics_server.server_close)
             cleanup.callback(metrics_server.shutdown)
         except (WorkersError, StartupError, OSError) as error:
@@ -76,7 +74,7 @@ def supervise(settings) -> int:
             return 2
         settings = replace(settings, grpc_port=reserved.grpc_port, http_port=reserved.http_port,
                            intra_op_threads=_intra_op_threads(settings))
-        return _run_workers(settings, runtime_dir)
+        return _run_workers(settings, runtime_dir, metrics_registry)
 
 
 def _make_runtime_dir() -> Path:
@@ -158,75 +156,24 @@ def _serve_merged_metrics(settings, metrics_dir: Path):
         raise OSError(f"cannot serve metrics on {settings.metrics_address}:{settings.metrics_port}: {error}") from None
     log.info("metrics of all %d workers on http://%s:%d/metrics", settings.workers, settings.metrics_address,
              server.server_port)
-    return server
+    return server, registry
 
 
-def _run_workers(settings, runtime_dir: Path) -> int:
+def _run_workers(settings, runtime_dir: Path, metrics_registry) -> int:
     context = multiprocessing.get_context("spawn")  # no fork of a process with threads
     secret = secrets.token_hex(16)
-    workers = [context.Process(target=worker_main, name=f"worker-{index}",
-                               args=(settings, WorkerRole(index, settings.workers, runtime_dir, secret)))
-               for index in range(1, settings.workers + 1)]  # fmt: skip
-    stop = _forward_signals(workers)
-    for worker in workers:
+
+    def start(index: int, replacement: bool):
+        role = WorkerRole(index, settings.workers, runtime_dir, secret, replacement=replacement)
+        worker = context.Process(target=worker_main, name=f"worker-{index}", args=(settings, role))
         worker.start()
-    if stop.is_set():  # a signal came before every worker had a pid to pass it to
-        _stop_all(workers, settings.grace_period_s)
-    log.info("started %d workers on gRPC %s:%d%s: pids %s", len(workers), settings.host, settings.grpc_port,
-             f", HTTP {settings.host}:{settings.http_port}" if settings.http_port else "",
-             ", ".join(str(worker.pid) for worker in workers))
-    return _wait_for_workers(workers, stop, settings.grace_period_s)
+        return worker
 
-
-def _forward_signals(workers: list) -> threading.Event:
-    """SIGTERM and SIGINT go to every worker (a second one too: the workers then exit at
-    once, as a single server does). The returned event is set at the first."""
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("%s received: stopping %d workers", signal.Signals(signum).name, len(workers))
-        stop.set()
-        for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
-
-
-def _wait_for_workers(workers: list, stop: threading.Event, grace_period_s: float) -> int:
-    """Wait until every worker has exited; the first to exit on its own stops the others.
-    0 when all exited 0 after a signal."""
-    running = list(workers)
-    failed: int | None = None
-    while running:
-        for sentinel in wait([worker.sentinel for worker in running], timeout=0.5):
-            worker = next(w for w in running if w.sentinel == sentinel)
-            worker.join()
-            running.remove(worker)
-            if not stop.is_set() and failed is None:
-                failed = worker.exitcode
-                log.error("worker %s (pid %d) exited with status %s; stopping the others",
-                          worker.name, worker.pid, worker.exitcode)
-                _stop_all(running, grace_period_s)
-            elif worker.exitcode != 0 and failed is None:
-                failed = worker.exitcode
-    if failed is None:
-        log.info("all workers stopped")
-        return 0
-    return 2 if failed == 2 else 1
-
-
-def _stop_all(workers: list, grace_period_s: float) -> None:
-    for worker in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, signal.SIGTERM)
-    for worker in workers:
-        worker.join(grace_period_s + WORKER_STOP_TIMEOUT_S)
-        if worker.is_alive():
-            log.error("worker %s (pid %d) did not stop; killing it", worker.name, worker.pid)
-            worker.kill()
+    supervisor = Supervisor(settings.workers, start, settings, runtime_dir / "metrics")
+    metrics_registry.register(WorkerMetrics(supervisor.slots))
+    log.info("%d workers on gRPC %s:%d%s", settings.workers, settings.host, settings.grpc_port,
+             f", HTTP {settings.host}:{settings.http_port}" if settings.http_port else "")
+    return supervisor.run()
 
 
 # -- one worker --------------------------------------------------------------------------------

@@ -21,12 +21,11 @@ import ssl
 import uvicorn
 
 from server.config import ServerSettings
+from server.observability.metrics import ServerMetrics
 from server.transport.http_app import HttpApp
+from server.transport.http_edge import EdgeLimits, edge_protocol
 
 log = logging.getLogger(__name__)
-
-# Seconds an idle keep-alive connection stays open (Triton's default is the same order).
-KEEP_ALIVE_S = 60
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -37,14 +36,19 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class HttpEndpoint:
-    def __init__(self, app: HttpApp, settings: ServerSettings, shared_port: bool = False):
+    def __init__(self, app: HttpApp, settings: ServerSettings, metrics: ServerMetrics, shared_port: bool = False):
         """`shared_port`: one of --workers' processes, listening with SO_REUSEPORT beside its siblings."""
         self._socket = _bind(settings.host, settings.http_port, shared_port)
+        # httptools, with the edge's header timeout and connection bound (server/transport/http_edge.py).
+        protocol = edge_protocol(EdgeLimits(
+            settings.http_header_timeout_s, settings.http_keep_alive_timeout_s, settings.http_max_connections,
+            on_close=lambda reason: metrics.http_connections_closed.labels(reason=reason).inc(),
+            on_open_change=metrics.http_connections_open.inc))
         # proxy_headers off: the client's address is only logged (at debug level), and the
         # middleware that would rewrite it from X-Forwarded-For is one more layer per request.
         config = uvicorn.Config(
-            app, http="httptools", loop="none", lifespan="off", log_config=None, access_log=False,
-            timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=settings.max_concurrent_rpcs,
+            app, http=protocol, loop="none", lifespan="off", log_config=None, access_log=False,
+            timeout_keep_alive=settings.http_keep_alive_timeout_s, limit_concurrency=settings.max_concurrent_rpcs,
             timeout_graceful_shutdown=1, server_header=False, proxy_headers=False, **_tls(settings))  # fmt: skip
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task | None = None
