@@ -64,10 +64,12 @@ class Load:
         self.channels = [grpc.insecure_channel(server.grpc_address, options=[("grpc.use_local_subchannel_pool", 1)])
                          for _ in range(CONNECTIONS)]  # fmt: skip
         self.ok, self.failed, self.failures = 0, 0, []
+        self.failed_connections: set[int] = set()  # indexes of the channels that saw a failure
         self.lock, self.stop = threading.Lock(), threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(channel,)) for channel in self.channels]
+        self.threads = [threading.Thread(target=self._run, args=(channel, index))
+                        for index, channel in enumerate(self.channels)]
 
-    def _run(self, channel) -> None:
+    def _run(self, channel, index: int) -> None:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while not self.stop.is_set():
             try:
@@ -79,6 +81,7 @@ class Load:
             except grpc.RpcError as error:
                 with self.lock:
                     self.failed += 1
+                    self.failed_connections.add(index)
                     self.failures.append(f"{error.code().name}: {error.details()}")
 
     def __enter__(self):
@@ -109,10 +112,14 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_requests_fail(start
         ok_during = load.ok - ok_before
         time.sleep(1.0)
     print(f"kill -9 of worker pid {victim.pid} with {on_victim} of {CONNECTIONS} load connections: "
-          f"{load.failed} request(s) failed ({sorted(set(load.failures))}), {load.ok} succeeded "
+          f"{load.failed} request(s) failed on {len(load.failed_connections)} connection(s) "
+          f"({sorted(set(load.failures))}), {load.ok} succeeded "
           f"({ok_during} between the kill and the restart)")
-    # At most one request in flight per connection: only the victim's can have failed.
-    assert load.failed <= on_victim, load.failures
+    # Only the victim's connections may fail. One request in flight each when it dies, and
+    # sometimes a second: the next one written before gRPC has seen the reset (a broken
+    # pipe), still to the dead worker; the reconnect then reaches a live one.
+    assert len(load.failed_connections) <= on_victim, load.failures
+    assert load.failed <= 2 * on_victim, load.failures
     assert all(failure.startswith("UNAVAILABLE") for failure in load.failures), load.failures
     assert ok_during > 0, "the surviving worker served nothing while the other was restarted"
     assert server.process.poll() is None
