@@ -122,15 +122,16 @@ class ModelRegistry:
         versions = models.get(name)
         if not versions:
             available = ", ".join(sorted(models)) or "none"
+            # Triton's wording first (clients match on "Request for unknown model"), ours after.
             raise InferenceError(grpc.StatusCode.NOT_FOUND,
-                                 f"unknown model {name!r}; models served: {available}")
+                                 f"Request for unknown model: {name!r} is not found (models served: {available})")
         if not version:
             return versions[max(versions, key=int)]
         model = versions.get(version)
         if model is None:
             raise InferenceError(grpc.StatusCode.NOT_FOUND,
-                                 f"model {name!r} has no version {version!r} loaded; versions served: "
-                                 f"{', '.join(sorted(versions, key=int))}")
+                                 f"Request for unknown model: {name!r} version {version} is not found "
+                                 f"(versions served: {', '.join(sorted(versions, key=int))})")
         return model
 
     def acquire(self, name: str, version: str = "") -> LoadedModel:
