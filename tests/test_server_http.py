@@ -144,8 +144,11 @@ def _bad_cases(tiny_repository):
         ("data count against shape", "POST", infer_path, json_input(data=[1, 2, 3]), {}, 400,
          f"has 3 values in 'data'; shape [1, {h}, {w}, {c}] needs {h * w * c}"),
         ("strings for UINT8", "POST", infer_path, json_input(data=["x"] * (h * w * c)), {}, 400, "must be numbers"),
-        ("NaN, which JSON does not have", "POST", infer_path,
-         json_input(data=[float("nan")] * (h * w * c)), {}, 400, "not valid JSON"),
+        # NaN parses, as in Triton (rapidjson's NaN-and-Inf flag), but is no UINT8 value.
+        ("NaN for an integer input", "POST", infer_path,
+         json_input(data=[float("nan")] * (h * w * c)), {}, 400, "input 'images' is UINT8: its data must be integers"),
+        ("Infinity too large", "POST", infer_path, json_input(data=[1] * (h * w * c - 1) + ["__big__"]).replace(
+            b'"__big__"', b"1e999"), {}, 400, "not valid JSON"),
         ("out of range", "POST", infer_path, json_input(data=[300] * (h * w * c)), {}, 400, "outside the UINT8 range"),
         ("wrong datatype", "POST", infer_path, json_input(datatype="FP32"), {}, 400,
          f"datatype FP32; model {member!r} expects UINT8"),
