@@ -356,6 +356,8 @@ class ModelController:
 
     def _replace_states(self, name: str, states: dict[str, tuple[str, str]]) -> None:
         self._states = {**self._states, name: states}
+        why = next((reason for state, reason in states.values() if state == UNAVAILABLE), "")
+        self._registry.note_unavailable(name, why)  # what a request for it is told while nothing serves
 
     def _count_load(self, name: str, outcome: str) -> None:
         self._metrics.model_loads.labels(model=name, outcome=outcome).inc()
