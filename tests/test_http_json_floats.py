@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from server.errors import InferenceError
-from server.transport.http_codec import parse_json_object
+from server.inference.request_codec import WireOutput, WireResponse
+from server.transport.http_codec import ResponseFormat, _all_finite, infer_response, parse_json_object
 from tests.support.graphs import triton_calls
 from tests.support.http import call
 
@@ -77,3 +78,19 @@ def test_tritonclient_sends_and_reads_non_finite_json(server, tiny_repository, t
          "outputs": [{"name": "probabilities", "binary": False}]}], tmp_path)  # fmt: skip
     row = answers[0]["value"]["probabilities"][0]
     assert row[:2] == [math.inf, -math.inf] and math.isnan(row[2]) and row[3] == 1.25
+
+
+@pytest.mark.parametrize("datatype, dtype", [("FP16", "<f2"), ("FP32", "<f4"), ("FP64", "<f8")])
+def test_every_float_width_is_written_with_the_words(datatype, dtype):
+    values = np.array([np.inf, -np.inf, np.nan, 0.5], dtype=dtype)
+    body, _ = infer_response(WireResponse("m", "1", "", [WireOutput("y", datatype, [4], values.tobytes())]),
+                             ResponseFormat(False, {}))  # fmt: skip
+    assert b'"data":[Infinity,-Infinity,NaN,0.5]' in body
+
+
+def test_bf16_bit_patterns_of_infinity_and_nan_take_the_slow_path():
+    """BF16 travels as its 16-bit patterns; its non-finite ones must be noticed too."""
+    assert not _all_finite("BF16", np.array([0x3F80, 0x7F80], dtype="<u2").tobytes())  # 1.0, +inf
+    assert not _all_finite("BF16", np.array([0xFFC0], dtype="<u2").tobytes())  # NaN
+    assert _all_finite("BF16", np.array([0x3F80, 0xC000], dtype="<u2").tobytes())  # 1.0, -2.0
+    assert _all_finite("INT32", np.array([-1], dtype="<i4").tobytes())

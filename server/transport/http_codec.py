@@ -287,6 +287,8 @@ def _json_values(datatype: str, raw: bytes) -> list:
 
 
 def _all_finite(datatype: str, raw: bytes) -> bool:
+    if datatype == "BF16":  # held as bit patterns: all exponent bits set is an infinity or a NaN
+        return not (np.frombuffer(raw, dtype="<u2") & 0x7F80 == 0x7F80).any()
     dtype = NUMPY_DTYPES.get(datatype)
     return dtype is None or dtype.kind != "f" or bool(np.isfinite(np.frombuffer(raw, dtype=dtype)).all())
 
