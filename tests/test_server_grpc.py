@@ -191,14 +191,16 @@ def _pixels(r) -> int:
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 BAD_INPUTS = [
     BadInput("wrong-input-name", lambda r: infer_request(r.members[0], r.images(1), name="pixels"), INVALID,
-             lambda r: ("unexpected input 'pixels'", f"expects 'images' UINT8 {_images_shape(r)}")),
+             lambda r: (f"unexpected inference input 'pixels' for model {r.members[0]!r}; "
+                        f"it expects 'images' UINT8 {_images_shape(r)}",)),
     BadInput("wrong-datatype", lambda r: infer_request(r.members[0], r.images(1).astype(np.float32), datatype="FP32"),
              INVALID, lambda r: ("datatype FP32", "expects UINT8")),
     BadInput("wrong-shape", lambda r: infer_request(r.members[0], r.images(1)[:, :, :4]), INVALID,
-             lambda r: (f"shape [1, {r.height}, 4, {r.channels}]", f"expects {_images_shape(r)}")),
+             lambda r: (f"unexpected shape for input 'images' for model {r.members[0]!r}. "
+                        f"Expected {_images_shape(r)}, got [1, {r.height}, 4, {r.channels}]",)),
     BadInput("missing-batch-dimension", lambda r: infer_request(r.members[0], r.images(1)[0]), INVALID,
-             lambda r: (f"shape [{r.height}, {r.width}, {r.channels}]", f"expects {_images_shape(r)}",
-                        "batch dimension first")),
+             lambda r: (f"unexpected shape for input 'images' for model {r.members[0]!r}. "
+                        f"Expected {_images_shape(r)}, got [{r.height}, {r.width}, {r.channels}] (batch dimension first)",)),
     BadInput("raw-wrong-byte-length",
              lambda r: _with(infer_request(r.members[0], r.images(2)),
                              lambda q: q.raw_input_contents.__setitem__(0, q.raw_input_contents[0][:-1])),
@@ -220,12 +222,13 @@ BAD_INPUTS = [
              lambda r: _with(infer_request(r.members[0], r.images(1)), lambda q: q.raw_input_contents.append(b"")),
              INVALID, lambda r: ("2 raw_input_contents for 1 inputs", "one per input")),
     BadInput("batch-above-max", lambda r: infer_request(r.members[0], r.images(r.max_batch_size + 1)), INVALID,
-             lambda r: (f"batch size {r.max_batch_size + 1}", f"max_batch_size {r.max_batch_size}")),
+             lambda r: (f"inference request batch-size must be <= {r.max_batch_size} for {r.members[0]!r} "
+                        f"(input 'images' has batch size {r.max_batch_size + 1}; max_batch_size {r.max_batch_size})",)),
     BadInput("batch-of-zero", lambda r: infer_request(r.members[0], r.images(0)), INVALID,
              lambda r: ("batch size 0", "at least 1")),
     BadInput("ensemble-batch-above-max", lambda r: infer_request(r.ensemble, r.images(r.max_batch_size + 1)),
-             INVALID, lambda r: (f"batch size {r.max_batch_size + 1}", f"model {r.ensemble!r}",
-                                 f"max_batch_size {r.max_batch_size}")),
+             INVALID, lambda r: (f"inference request batch-size must be <= {r.max_batch_size} for {r.ensemble!r}",
+                                 f"batch size {r.max_batch_size + 1}")),
     BadInput("unknown-model", lambda r: infer_request("no-such-model", r.images(1)), grpc.StatusCode.NOT_FOUND,
              lambda r: ("Request for unknown model: 'no-such-model' is not found",
                         "models served: " + ", ".join(sorted([*r.members, r.average, r.ensemble])))),
@@ -237,10 +240,12 @@ BAD_INPUTS = [
     BadInput("unknown-output",
              lambda r: infer_request(r.members[0], r.images(1),
                                      outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]),
-             INVALID, lambda r: ("requested output 'logits' does not exist", "'probabilities'")),
+             INVALID, lambda r: (f"unexpected inference output 'logits' for model {r.members[0]!r}; "
+                                 f"it has 'probabilities'",)),
     BadInput("missing-input", lambda r: _average_request(r, [1]), INVALID,
-             lambda r: ("lacks input(s) ['probabilities_1']",
-                        f"expects 'probabilities_0' FP32 [-1, {len(r.class_names)}]")),
+             lambda r: (f"expected 2 inputs but got 1 inputs for model {r.average!r}. Got input(s) "
+                        f"['probabilities_0'], but missing required input(s) ['probabilities_1']",
+                        f"'probabilities_0' FP32 [-1, {len(r.class_names)}]")),
     BadInput("inputs-disagree-on-batch", lambda r: _average_request(r, [1, 2]), INVALID,
              lambda r: ("different batch sizes [1, 2]",)),
 ]

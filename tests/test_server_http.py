@@ -153,7 +153,7 @@ def _bad_cases(tiny_repository):
         ("wrong datatype", "POST", infer_path, json_input(datatype="FP32"), {}, 400,
          f"datatype FP32; model {member!r} expects UINT8"),
         ("wrong shape", "POST", infer_path, json_input(shape=[h * w * c]), {}, 400,
-         f"has shape [{h * w * c}]; model {member!r} expects [-1, {h}, {w}, {c}]"),
+         f"unexpected shape for input 'images' for model {member!r}. Expected [-1, {h}, {w}, {c}], got [{h * w * c}]"),
         ("binary shorter than declared", "POST", infer_path, good[:-5], good_headers, 400, "runs past"),
         ("binary longer than declared", "POST", infer_path, good + b"xx", good_headers, 400, "add up to"),
         ("header length past the body", "POST", infer_path, good, {HEADER_LENGTH: str(len(good) + 1)}, 400,
