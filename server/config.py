@@ -70,6 +70,9 @@ class ServerSettings:
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start-up ("*": all)
     # -- tracing (server/observability/tracing.py); off by default --
     trace_rate: float | None = None  # None: OTEL_TRACES_SAMPLER decides (unset: off)
+    # Config auto-complete (server/models/autocomplete.py), Triton's flags.
+    disable_auto_complete_config: bool = False
+    backend_config: tuple[str, ...] = ()  # "[onnxruntime,]default-max-batch-size=N"
 
     @property
     def grpc_address(self) -> str:
@@ -78,6 +81,45 @@ class ServerSettings:
     @property
     def metrics_address(self) -> str:
         return self.metrics_host or self.host
+
+    @property
+    def default_max_batch_size(self) -> int:
+        """The max_batch_size auto-complete gives a model that can batch (the last
+        --backend-config default-max-batch-size, else Triton's 4)."""
+        values = [int(value) for _, key, value in map(parse_backend_config, self.backend_config)
+                  if key == DEFAULT_MAX_BATCH_SIZE_KEY]  # fmt: skip
+        return values[-1] if values else TRITON_DEFAULT_MAX_BATCH_SIZE
+
+
+# Triton's --backend-config settings that this server understands (onnxruntime's, or global).
+DEFAULT_MAX_BATCH_SIZE_KEY = "default-max-batch-size"
+TRITON_DEFAULT_MAX_BATCH_SIZE = 4  # tritonserver's default for it
+BACKENDS = ("onnxruntime",)
+
+
+def parse_backend_config(text: str) -> tuple[str, str, str]:
+    """Triton's `--backend-config` value, "<backend>,<setting>=<value>" or (for every
+    backend) "<setting>=<value>", as (backend or "", setting, value); ValueError otherwise."""
+    backend, _, setting = text.rpartition(",")
+    key, equals, value = setting.partition("=")
+    if not equals or (backend and backend not in BACKENDS):
+        raise ValueError(f"{text!r}: expected [onnxruntime,]{DEFAULT_MAX_BATCH_SIZE_KEY}=N "
+                         f"(Triton's <backend>,<setting>=<value>; this server has the onnxruntime backend only)")
+    if key != DEFAULT_MAX_BATCH_SIZE_KEY:
+        raise ValueError(f"{text!r}: setting {key!r} is not understood; this server takes "
+                         f"{DEFAULT_MAX_BATCH_SIZE_KEY} only")
+    if not value.strip().isdigit():
+        raise ValueError(f"{text!r}: {DEFAULT_MAX_BATCH_SIZE_KEY} must be a whole number >= 0, got {value!r}")
+    return backend, key, value.strip()
+
+
+def _check_backend_config(context, parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        try:
+            parse_backend_config(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
+    return values
 
 
 def _env(name: str) -> str:
@@ -224,6 +266,18 @@ settings_options: list[Callable] = [
                  "sampling decision (sampler parentbased_traceidratio). Without the flag, the standard "
                  "OTEL_TRACES_SAMPLER[_ARG] variables decide (unset: tracing off); OTEL_SERVICE_NAME names the "
                  "service (default ensemble-serving). Needs the `tracing` extra."),
+    # -- config auto-complete (server/models/autocomplete.py) --
+    _option("--disable-auto-complete-config", "disable_auto_complete_config", is_flag=True,
+            help="Do not fill in a model's config from its ONNX graph: every model then needs a config.pbtxt "
+                 "declaring its inputs, outputs and max_batch_size (as with Triton's flag of that name). "
+                 "Default: a missing or partial config.pbtxt, or a load_model config override, is completed "
+                 "from the graph as Triton's onnxruntime backend does (docs/model_control.md)."),
+    _option("--backend-config", "backend_config", multiple=True, callback=_check_backend_config,
+            help=f"Triton's backend setting, as onnxruntime,{DEFAULT_MAX_BATCH_SIZE_KEY}=N (or "
+                 f"{DEFAULT_MAX_BATCH_SIZE_KEY}=N): the max_batch_size auto-complete gives a model whose "
+                 f"inputs and outputs all have a dynamic first dimension and whose config sets none "
+                 f"(default {TRITON_DEFAULT_MAX_BATCH_SIZE}; above 1 it also turns dynamic batching on). "
+                 f"The only setting understood."),
 ]
 
 

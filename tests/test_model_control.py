@@ -207,7 +207,7 @@ def test_explicit_load_then_old_version_unloaded_with_no_failed_request(start_se
     with pytest.raises(grpc.RpcError) as error:
         stub.ModelInfer(infer_request(MODEL, images, version="1"), timeout=10)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "no version '1' loaded; versions served: 2" in error.value.details()
+    assert error.value.details() == f"Request for unknown model: {MODEL!r} version 1 is not found (versions served: 2)"
 
 
 # ---------------------------------------------------------------------------------------

@@ -95,14 +95,14 @@ def _check_shape(tensor: WireInput, expected: TensorSpec, spec: ModelSpec) -> li
     wanted = expected.shape(spec.batching)
     fits = len(shape) == len(wanted) and all(w in (-1, s) and s >= 0 for s, w in zip(shape, wanted))
     if not fits:
-        raise invalid(f"input {tensor.name!r} has shape {shape}; model {spec.name!r} expects {wanted}"
-                      + (" (batch dimension first)" if spec.batching else ""))
+        raise invalid(f"unexpected shape for input {tensor.name!r} for model {spec.name!r}. Expected {wanted}, "
+                      f"got {shape}" + (" (batch dimension first)" if spec.batching else ""))
     if spec.batching:
         if shape[0] < 1:
             raise invalid(f"input {tensor.name!r} has batch size {shape[0]}; expected at least 1")
         if shape[0] > spec.max_batch_size:
-            raise invalid(f"input {tensor.name!r} has batch size {shape[0]}; model {spec.name!r} "
-                          f"accepts at most max_batch_size {spec.max_batch_size}")
+            raise invalid(f"inference request batch-size must be <= {spec.max_batch_size} for {spec.name!r} "
+                          f"(input {tensor.name!r} has batch size {shape[0]}; max_batch_size {spec.max_batch_size})")
     return shape
 
 
@@ -149,7 +149,8 @@ def decode_request(request: WireRequest, spec: ModelSpec) -> DecodedRequest:
     for tensor in request.inputs:
         expected = declared.get(tensor.name)
         if expected is None:
-            raise invalid(f"unexpected input {tensor.name!r}; model {spec.name!r} expects {_expected_inputs(spec)}")
+            raise invalid(f"unexpected inference input {tensor.name!r} for model {spec.name!r}; "
+                          f"it expects {_expected_inputs(spec)}")
         if tensor.name in inputs:
             raise invalid(f"input {tensor.name!r} appears twice in the request")
         if tensor.datatype != expected.datatype:
@@ -163,7 +164,9 @@ def decode_request(request: WireRequest, spec: ModelSpec) -> DecodedRequest:
         batch_sizes.add(shape[0] if spec.batching else 1)
     if len(inputs) != len(declared):
         missing = [name for name in declared if name not in inputs]
-        raise invalid(f"request lacks input(s) {missing}; model {spec.name!r} expects {_expected_inputs(spec)}")
+        raise invalid(f"expected {len(declared)} inputs but got {len(inputs)} inputs for model {spec.name!r}. "
+                      f"Got input(s) {list(inputs)}, but missing required input(s) {missing}. Please provide all "
+                      f"required input(s): {_expected_inputs(spec)}")
     if len(batch_sizes) > 1:
         raise invalid(f"inputs have different batch sizes {sorted(batch_sizes)}; they must agree")
     return DecodedRequest(inputs, batch_sizes.pop(), _requested_outputs(request.outputs, spec))
@@ -175,7 +178,7 @@ def _requested_outputs(outputs: list[RequestedOutput], spec: ModelSpec) -> tuple
     known = {tensor.name for tensor in spec.outputs}
     for output in outputs:
         if output.name not in known:
-            raise invalid(f"requested output {output.name!r} does not exist; model {spec.name!r} has "
+            raise invalid(f"unexpected inference output {output.name!r} for model {spec.name!r}; it has "
                           f"{', '.join(repr(name) for name in sorted(known))}")
     return tuple(outputs)
 

@@ -45,6 +45,7 @@ import grpc
 from ensemble_serving.model_config import CONFIG_FILENAME, ModelConfig
 from server.config import ServerSettings
 from server.errors import InferenceError
+from server.models.autocomplete import AutoComplete
 from server.models.loading import build_version, load_failure_reason
 from server.models.model_files import check_name, folder_fingerprint, parse_config, version_fingerprint, write_files
 from server.models.registry import LoadedModel, ModelRegistry
@@ -215,7 +216,7 @@ class ModelController:
     def _read(self, name: str, directory: Path, override: ModelConfig | None, check_steps: bool = True):
         """The model's spec; an ensemble's steps checked against the members served."""
         try:
-            spec = read_model(directory, override)
+            spec = read_model(directory, override, AutoComplete.from_settings(self._settings))
             if spec.is_ensemble and check_steps:
                 check_ensemble(spec, {step.model_name: self._registry.get(step.model_name).spec
                                       for step in spec.steps if self._registry.versions(step.model_name)})
@@ -355,6 +356,8 @@ class ModelController:
 
     def _replace_states(self, name: str, states: dict[str, tuple[str, str]]) -> None:
         self._states = {**self._states, name: states}
+        why = next((reason for state, reason in states.values() if state == UNAVAILABLE), "")
+        self._registry.note_unavailable(name, why)  # what a request for it is told while nothing serves
 
     def _count_load(self, name: str, outcome: str) -> None:
         self._metrics.model_loads.labels(model=name, outcome=outcome).inc()

@@ -45,8 +45,15 @@ def write_files(directory: Path, files: dict[str, bytes], config: ModelConfig) -
             inside_model_folder(path, directory, "file", directory.name)
         except RepositoryError as error:
             raise InferenceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        except OSError as error:  # a name too long for the file system, a path through a file, ...
+            # Triton's status and wording for a load whose files cannot be laid out (its client
+            # example matches on both); the OS's reason after it.
+            raise InferenceError(grpc.StatusCode.INTERNAL,
+                                 f"failed to load {directory.name!r}, failed to poll from model repository: "
+                                 f"cannot write the model file {relative[:80]!r}: {error.strerror}") from None
     save_model_config(config, directory / CONFIG_FILENAME)
     return directory
 

@@ -82,7 +82,14 @@ class ModelRegistry:
 
     def __init__(self) -> None:
         self._models: dict[str, dict[str, LoadedModel]] = {}
+        self._unavailable: dict[str, str] = {}  # name -> why it serves no version (a failed load, unloaded)
         self._writing = threading.Lock()
+
+    def note_unavailable(self, name: str, reason: str) -> None:
+        """Why `name` serves no version ("" to forget): model control tells it, requests read it."""
+        with self._writing:
+            unavailable = {key: value for key, value in self._unavailable.items() if key != name}
+            self._unavailable = {**unavailable, name: reason} if reason else unavailable
 
     def add(self, model: LoadedModel) -> None:
         with self._writing:
@@ -121,16 +128,21 @@ class ModelRegistry:
         models = self._models
         versions = models.get(name)
         if not versions:
+            reason = self._unavailable.get(name)
+            if reason:  # known to the repository, but it failed to load or was unloaded
+                raise InferenceError(grpc.StatusCode.NOT_FOUND,
+                                     f"Request for unknown model: {name!r} has no available versions ({reason})")
             available = ", ".join(sorted(models)) or "none"
+            # Triton's wording first (clients match on "Request for unknown model"), ours after.
             raise InferenceError(grpc.StatusCode.NOT_FOUND,
-                                 f"unknown model {name!r}; models served: {available}")
+                                 f"Request for unknown model: {name!r} is not found (models served: {available})")
         if not version:
             return versions[max(versions, key=int)]
         model = versions.get(version)
         if model is None:
             raise InferenceError(grpc.StatusCode.NOT_FOUND,
-                                 f"model {name!r} has no version {version!r} loaded; versions served: "
-                                 f"{', '.join(sorted(versions, key=int))}")
+                                 f"Request for unknown model: {name!r} version {version} is not found "
+                                 f"(versions served: {', '.join(sorted(versions, key=int))})")
         return model
 
     def acquire(self, name: str, version: str = "") -> LoadedModel:

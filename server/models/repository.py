@@ -27,6 +27,13 @@ from ensemble_serving.model_config import (
     load_model_config,
 )
 from ensemble_serving.tensors import NUMPY_DTYPES
+from server.models.autocomplete import (
+    AutoComplete,
+    AutoCompleteError,
+    complete_backend_fields,
+    complete_from_graph,
+    needs_graph,
+)
 
 ONNX_PLATFORMS = {"onnxruntime_onnx"}
 ONNX_BACKENDS = {"onnxruntime"}
@@ -170,36 +177,69 @@ def _versions_to_serve(config: ModelConfig, available: list[int], model: str) ->
     return tuple(str(version) for version in chosen)
 
 
-def read_model(directory: Path, config: ModelConfig | None = None) -> ModelSpec:
+def _read_config(directory: Path, completion: AutoComplete) -> ModelConfig:
+    """The folder's config.pbtxt; an empty config to complete when there is none and
+    auto-complete is on (Triton serves such a folder from its graph alone)."""
+    name = directory.name
+    if completion.enabled and not (directory / CONFIG_FILENAME).exists():
+        return ModelConfig()
+    try:
+        return load_model_config(directory / CONFIG_FILENAME)
+    except ModelConfigError as error:
+        hint = " (auto-complete is off: --disable-auto-complete-config)" if not completion.enabled else ""
+        raise RepositoryError(f"model {name!r}: {error}{hint}") from None
+
+
+def _complete(config: ModelConfig, directory: Path, version: str, completion: AutoComplete) -> None:
+    """Fill what the config leaves out from the graph of `version` (server/models/autocomplete.py)."""
+    if not completion.enabled or not needs_graph(config):
+        return
+    name = directory.name
+    model_file = directory / version / (config.default_model_filename or DEFAULT_MODEL_FILENAME)
+    _inside(model_file, directory, "default_model_filename", name)
+    if not model_file.exists():
+        raise RepositoryError(f"model {name!r} version {version}: missing {model_file}")
+    try:
+        complete_from_graph(config, model_file, completion.default_max_batch_size)
+    except AutoCompleteError as error:
+        raise RepositoryError(f"model {name!r}: {error}") from None
+
+
+def read_model(directory: Path, config: ModelConfig | None = None,
+               completion: AutoComplete = AutoComplete()) -> ModelSpec:  # fmt: skip
     """Parse and check one model folder; `config` replaces its config.pbtxt (a load
-    request's override)."""
+    request's override). What the config leaves out is completed from the ONNX graph
+    unless `completion` is off."""
     name = directory.name
     if config is None:
-        try:
-            config = load_model_config(directory / CONFIG_FILENAME)
-        except ModelConfigError as error:
-            raise RepositoryError(f"model {name!r}: {error}") from None
+        config = _read_config(directory, completion)
     if config.name and config.name != name:
         raise RepositoryError(f"model {name!r}: config.pbtxt says name {config.name!r}; "
                               f"it must match the folder name {name!r}")
     config.name = name
+    available = _available_versions(directory)
+    complete_backend_fields(config, [directory / str(version) for version in available])
     is_ensemble = config.platform == ENSEMBLE_PLATFORM
     if not is_ensemble and config.platform not in ONNX_PLATFORMS and config.backend not in ONNX_BACKENDS:
         raise RepositoryError(f"model {name!r}: platform {config.platform!r} / backend {config.backend!r} "
-                              f"is not served; expected platform 'onnxruntime_onnx' or 'ensemble'")
+                              f"is not served; expected platform 'onnxruntime_onnx' or 'ensemble' "
+                              f"(or a version folder holding model.onnx, to auto-complete them)")
     if config.max_batch_size < 0:
         raise RepositoryError(f"model {name!r}: max_batch_size {config.max_batch_size} must be >= 0")
-    inputs = _tensor_specs("input", config.input, directory, name)
-    outputs = _tensor_specs("output", config.output, directory, name)
-    if not inputs or not outputs:
-        raise RepositoryError(f"model {name!r}: config.pbtxt must declare at least one input and one output")
 
-    available = _available_versions(directory)
     if not available and is_ensemble:
         available = [1]  # an ensemble has no files; accept a missing (empty) version folder
     if not available:
         raise RepositoryError(f"model {name!r}: no numbered version folder in {directory} (expected e.g. 1/model.onnx)")
     versions = _versions_to_serve(config, available, name)
+    if not is_ensemble:
+        _complete(config, directory, versions[-1], completion)
+
+    inputs = _tensor_specs("input", config.input, directory, name)
+    outputs = _tensor_specs("output", config.output, directory, name)
+    if not inputs or not outputs:
+        hint = " (auto-complete is off: --disable-auto-complete-config)" if not completion.enabled else ""
+        raise RepositoryError(f"model {name!r}: config.pbtxt must declare at least one input and one output{hint}")
 
     steps: tuple[EnsembleStep, ...] = ()
     if is_ensemble:
@@ -232,7 +272,7 @@ class Repository:
         return sorted([*self.specs, *self.errors])
 
 
-def scan_repository(root: str | Path) -> Repository:
+def scan_repository(root: str | Path, completion: AutoComplete = AutoComplete()) -> Repository:
     root = Path(root)
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} is not a directory")
@@ -243,7 +283,7 @@ def scan_repository(root: str | Path) -> Repository:
             continue
         try:
             _inside(directory, root, "folder", directory.name)
-            specs[directory.name] = read_model(directory)
+            specs[directory.name] = read_model(directory, completion=completion)
         except RepositoryError as error:
             errors[directory.name] = str(error)
     if not specs and not errors:

@@ -33,6 +33,7 @@ import grpc
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.config import ServerSettings
 from server.inference.service import InferenceService, ServerState
+from server.models.autocomplete import AutoComplete
 from server.models.control import ModelController
 from server.models.loading import load_models
 from server.models.registry import ModelRegistry
@@ -204,7 +205,7 @@ def _plan(settings: ServerSettings) -> tuple[Repository, list[ModelSpec], dict[s
     """Read the repository and check the device before any port opens: the models to
     load (dependencies first) and, without --strict, {name: reason} for those left out."""
     try:
-        repository = scan_repository(settings.model_repository)
+        repository = scan_repository(settings.model_repository, AutoComplete.from_settings(settings))
         wanted = _models_to_load(settings, repository)
         if settings.model_control_mode == "explicit" and not wanted:  # no --load-model: start empty
             specs, failures = [], {}

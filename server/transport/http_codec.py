@@ -95,9 +95,38 @@ def parse_json_object(text: bytes, what: str, header_length: int | None = None) 
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as error:  # bad UTF-8 too
-        where = f" (the first {header_length} bytes, per {HEADER_LENGTH})" if header_length else ""
-        raise invalid(f"request body{where} is not valid JSON: {error}") from None
+        value = _loads_non_finite(text)
+        if value is None:
+            where = f" (the first {header_length} bytes, per {HEADER_LENGTH})" if header_length else ""
+            raise invalid(f"request body{where} is not valid JSON: {error}") from None
     return json_object(value, what)
+
+
+# Triton reads and writes JSON with rapidjson's NaN-and-Inf flags: a float tensor's NaN,
+# Infinity and -Infinity travel as those bare words (tritonclient sends and reads them so),
+# where strict JSON, and orjson, have none. orjson stays the fast path; only a body it
+# refuses that holds one of the words is read again by the standard library.
+_NON_FINITE_WORDS = (b"NaN", b"Infinity")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: refused, as orjson and rapidjson refuse it
+        raise ValueError(f"number {text} is too large for a double")
+    return value
+
+
+def _loads_non_finite(text: bytes):
+    """`text` parsed allowing NaN, Infinity and -Infinity; None when it is not JSON even so."""
+    text = bytes(text)  # a memoryview has no `in`; a copy only on this rare path
+    if not any(word in text for word in _NON_FINITE_WORDS):
+        return None
+    try:
+        value = json.loads(text.decode("utf-8"), parse_float=_finite_float)
+        orjson.dumps(value)  # refuses what orjson would have: lone surrogates in strings
+    except (ValueError, RecursionError, orjson.JSONEncodeError):  # UnicodeDecodeError, JSONDecodeError too
+        return None
+    return value
 
 
 def json_object(value, what: str) -> dict:
@@ -233,7 +262,7 @@ def infer_response(response: WireResponse, response_format: ResponseFormat) -> t
     header: dict = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:
         header["id"] = response.id
-    blobs = []
+    blobs, finite = [], True
     outputs = header["outputs"] = []
     for tensor in response.outputs:
         output = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
@@ -242,8 +271,10 @@ def infer_response(response: WireResponse, response_format: ResponseFormat) -> t
             blobs.append(tensor.raw)
         else:
             output["data"] = _json_values(tensor.datatype, tensor.raw)
+            finite = finite and _all_finite(tensor.datatype, tensor.raw)
         outputs.append(output)
-    text = orjson.dumps(header)
+    # orjson writes a non-finite float as null; Triton writes NaN, Infinity, -Infinity.
+    text = orjson.dumps(header) if finite else json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
     if not blobs:
         return text, None
     return b"".join([text, *blobs]), len(text)
@@ -253,6 +284,13 @@ def _json_values(datatype: str, raw: bytes) -> list:
     if datatype == "BYTES":
         return [value.decode(errors="replace") for value in deserialize_bytes(raw)]
     return np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).tolist()
+
+
+def _all_finite(datatype: str, raw: bytes) -> bool:
+    if datatype == "BF16":  # held as bit patterns: all exponent bits set is an infinity or a NaN
+        return not (np.frombuffer(raw, dtype="<u2") & 0x7F80 == 0x7F80).any()
+    dtype = NUMPY_DTYPES.get(datatype)
+    return dtype is None or dtype.kind != "f" or bool(np.isfinite(np.frombuffer(raw, dtype=dtype)).all())
 
 
 def error_body(message: str) -> bytes:
