@@ -166,6 +166,7 @@ async def serve(settings: ServerSettings, role: WorkerRole | None = None) -> Non
         await asyncio.to_thread(state.controller.stop)
         await ports.stop()
         await asyncio.to_thread(state.registry.close)
+        state.shared_memory.close()  # unmap every region still registered
         metrics.shutdown()
     log.info("stopped")
 

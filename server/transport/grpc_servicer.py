@@ -62,9 +62,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelStatistics(self, request, context):
         log.debug("ModelStatistics name=%r version=%r", request.name, request.version)
-        siblings = self.service.siblings
-        own_only = siblings is not None and siblings.asked_by_sibling(context.invocation_metadata())
-        return _answer(context, self.service.model_statistics, request.name, request.version, own_only)
+        return _answer(context, self.service.model_statistics, request.name, request.version,
+                       self._from_sibling(context))
 
     # -- model repository (server/models/control.py does the work) ----------------------
     def RepositoryIndex(self, request, context):
@@ -83,6 +82,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         dependents = "unload_dependents" in parameters and parameters["unload_dependents"].bool_param
         _answer(context, self.service.unload_model, request.model_name, dependents)
         return pb.RepositoryModelUnloadResponse()
+
+    # -- system shared memory (server/inference/shared_memory.py) -------------------------
+    def SystemSharedMemoryStatus(self, request, context):
+        return _answer(context, self.service.shm_status, request.name)
+
+    def SystemSharedMemoryRegister(self, request, context):
+        from_sibling = self._from_sibling(context)
+        _answer(context, self.service.shm_register, request.name, request.key, request.offset, request.byte_size,
+                from_sibling)  # fmt: skip
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryUnregister(self, request, context):
+        _answer(context, self.service.shm_unregister, request.name, self._from_sibling(context))
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    def CudaSharedMemoryStatus(self, request, context):
+        if request.name:  # no CUDA region can exist here
+            _answer(context, self.service.cuda_shm_unsupported)
+        return pb.CudaSharedMemoryStatusResponse()
+
+    def CudaSharedMemoryRegister(self, request, context):
+        _answer(context, self.service.cuda_shm_unsupported)
+
+    def CudaSharedMemoryUnregister(self, request, context):
+        _answer(context, self.service.cuda_shm_unsupported)
+
+    def _from_sibling(self, context) -> bool:
+        siblings = self.service.siblings
+        return siblings is not None and siblings.asked_by_sibling(context.invocation_metadata())
 
     def ModelInfer(self, request, context):
         deadline = _deadline(context)

@@ -8,6 +8,10 @@
     POST /v2/models/{m}[/versions/{v}]/infer                  JSON or binary tensors
     POST /v2/repository/index
     POST /v2/repository/models/{m}/load | /unload             model control (--model-control-mode explicit)
+    GET  /v2/systemsharedmemory[/region/{r}]/status           system shared memory (Triton's extension)
+    POST /v2/systemsharedmemory/region/{r}/register           {"key": "/name", "offset": 0, "byte_size": N}
+    POST /v2/systemsharedmemory[/region/{r}]/unregister
+    *    /v2/cudasharedmemory/...                             501: not supported on this server
 
 Every answer comes from the same `InferenceService` as gRPC's, on the event loop:
 inference waits for its batch without a thread of its own (server.scheduling.steps.run_async),
@@ -106,6 +110,8 @@ def json_response(content: Message | dict | list, status: int = 200) -> Response
 
 
 _MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+_SHM = r"/v2/systemsharedmemory(?:/region/(?P<region>[^/]+))?"
+_CUDA_SHM = r"/v2/cudasharedmemory(?:/region/(?P<region>[^/]+))?"
 
 
 class HttpApp:
@@ -131,6 +137,11 @@ class HttpApp:
             ("POST", re.compile(r"/v2/repository/index"), self.repository_index),
             ("POST", re.compile(r"/v2/repository/models/(?P<name>[^/]+)/load"), self.load_model),
             ("POST", re.compile(r"/v2/repository/models/(?P<name>[^/]+)/unload"), self.unload_model),
+            ("GET", re.compile(_SHM + "/status"), self.shm_status),
+            ("POST", re.compile(r"/v2/systemsharedmemory/region/(?P<region>[^/]+)/register"), self.shm_register),
+            ("POST", re.compile(_SHM + "/unregister"), self.shm_unregister),
+            ("GET", re.compile(_CUDA_SHM + "/status"), self.cuda_shm_status),
+            ("POST", re.compile(_CUDA_SHM + "/(?:register|unregister)"), self.cuda_shm),
         ]
 
     # -- ASGI ----------------------------------------------------------------------------------
@@ -301,6 +312,37 @@ class HttpApp:
         dependents = parameters.get("unload_dependents", False) is True
         await asyncio.to_thread(self.service.unload_model, request.params["name"], dependents)
         return json_response({})
+
+    # -- system shared memory ----------------------------------------------------------------
+    async def shm_status(self, request: Request) -> Response:
+        regions = self.service.shm_status(request.params["region"]).regions
+        # Triton answers a bare list of regions.
+        return json_response([message_dict(regions[name]) for name in sorted(regions)])
+
+    async def shm_register(self, request: Request) -> Response:
+        options = await _json_options(request)
+        key = options.get("key")
+        if not isinstance(key, str):
+            raise invalid(f"register body needs 'key': the shared memory object's name, got {json.dumps(key)}")
+        sizes = [options.get(field, 0) for field in ("offset", "byte_size")]
+        for field, value in zip(("offset", "byte_size"), sizes):
+            if type(value) is not int:
+                raise invalid(f"register body: {field!r} must be a byte count, got {json.dumps(value)}")
+        # With --workers the siblings are asked too: off the event loop.
+        await asyncio.to_thread(self.service.shm_register, request.params["region"], key, *sizes)
+        return json_response({})
+
+    async def shm_unregister(self, request: Request) -> Response:
+        await asyncio.to_thread(self.service.shm_unregister, request.params["region"])
+        return json_response({})
+
+    async def cuda_shm_status(self, request: Request) -> Response:
+        if request.params["region"]:  # no CUDA region can exist here
+            self.service.cuda_shm_unsupported()
+        return json_response([])
+
+    async def cuda_shm(self, request: Request) -> Response:
+        self.service.cuda_shm_unsupported()
 
     async def infer(self, request: Request) -> Response:
         body = await request.read_body()
