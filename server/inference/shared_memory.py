@@ -19,6 +19,7 @@ has its own table: with `--workers N` a registration reaches every worker
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import stat
@@ -29,6 +30,8 @@ from typing import NamedTuple
 import grpc
 
 from server.errors import InferenceError, invalid
+
+log = logging.getLogger(__name__)
 
 SHM_DIRECTORY = "/dev/shm"  # where Linux's shm_open keeps its objects
 
@@ -117,6 +120,10 @@ class SystemSharedMemory:
 
     def close(self) -> None:
         """Unmap every region (shutdown)."""
+        with self._lock:
+            names = sorted(self._regions)
+        if names:
+            log.info("unmapping %d system shared memory region(s) at shutdown: %s", len(names), ", ".join(names))
         self.unregister()
 
     # -- inference -------------------------------------------------------------------------
