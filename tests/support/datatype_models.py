@@ -78,15 +78,21 @@ def _tensor(name: str, datatype: str) -> str:
     return f'{{ name: "{name}" data_type: {CONFIG_TYPE[datatype]} dims: [ 2 ] }}'
 
 
+def write_identity_model(root: Path, datatype: str) -> str:
+    """id_<dt> in `root`; returns its name."""
+    name = identity_name(datatype)
+    _identity_model(datatype, root / name / "1" / "model.onnx")
+    save_model_config(parse_model_config(
+        f'name: "{name}" platform: "onnxruntime_onnx" max_batch_size: {MAX_BATCH_SIZE} '
+        f'input [ {_tensor("INPUT0", datatype)} ] output [ {_tensor("OUTPUT0", datatype)} ] '
+        f'dynamic_batching {{ max_queue_delay_microseconds: 30000 }} '
+        f'instance_group [ {{ count: 1 kind: KIND_CPU }} ]'), root / name / "config.pbtxt")
+    return name
+
+
 def write_repository(root: Path) -> Path:
     for datatype in DATATYPES:
-        name = identity_name(datatype)
-        _identity_model(datatype, root / name / "1" / "model.onnx")
-        save_model_config(parse_model_config(
-            f'name: "{name}" platform: "onnxruntime_onnx" max_batch_size: {MAX_BATCH_SIZE} '
-            f'input [ {_tensor("INPUT0", datatype)} ] output [ {_tensor("OUTPUT0", datatype)} ] '
-            f'dynamic_batching {{ max_queue_delay_microseconds: 30000 }} '
-            f'instance_group [ {{ count: 1 kind: KIND_CPU }} ]'), root / name / "config.pbtxt")
+        name = write_identity_model(root, datatype)
         ensemble = ensemble_name(datatype)
         (root / ensemble / "1").mkdir(parents=True, exist_ok=True)
         step = ('{{ model_name: "{m}" model_version: -1 input_map {{ key: "INPUT0" value: "{i}" }} '
