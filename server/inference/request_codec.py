@@ -300,8 +300,8 @@ def from_grpc(request: pb.ModelInferRequest) -> WireRequest:
     # raw_input_contents pair with the inputs that are not in shared memory (as tritonclient sends them)
     unshared = sum(region is None for region in regions)
     if raw and len(raw) != unshared:
-        malformed = malformed or (f"request has {len(raw)} raw_input_contents for {unshared} inputs not in shared "
-                                  f"memory; expected one per such input, in the order of `inputs`")
+        malformed = malformed or (f"request has {len(raw)} raw_input_contents for {unshared} inputs (those not in "
+                                  f"shared memory); expected one per input, in the order of `inputs`")
     inputs, next_raw = [], 0
     for tensor, region in zip(request.inputs, regions):
         shape = list(tensor.shape)
