@@ -187,6 +187,10 @@ def test_cuda_shared_memory_is_not_supported(stub):
     refused(lambda: stub.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(name="c", byte_size=8)),
             grpc.StatusCode.UNIMPLEMENTED, "CUDA shared memory is not supported on this server")
     assert not stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest()).regions
+    refused(lambda: stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(name="c")),
+            grpc.StatusCode.NOT_FOUND, "Unable to find CUDA shared memory region: 'c'", "not supported")
+    # a clean start, as Triton's C++ examples and perf_analyzer make it: unregister everything, CUDA too
+    stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest())
 
 
 def http_infer_shm(port: int, region: str, in_offset: int, out_offset: int) -> dict:
@@ -223,6 +227,8 @@ def test_http_register_status_infer_unregister(shm_server, region):
     assert call(port, "GET", "/v2/systemsharedmemory/status").json() == []
     answer = call(port, "POST", "/v2/cudasharedmemory/region/c/register", b"{}")
     assert answer.status == 501 and "not supported on this server" in answer.error
+    assert call(port, "POST", "/v2/cudasharedmemory/unregister").status == 200
+    assert call(port, "GET", "/v2/cudasharedmemory/status").json() == []
 
 
 def test_regions_are_unmapped_at_shutdown(start_server, repository, region):

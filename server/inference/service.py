@@ -247,6 +247,11 @@ class InferenceService:
     def cuda_shm_unsupported() -> None:
         raise InferenceError(grpc.StatusCode.UNIMPLEMENTED, CUDA_SHM_UNSUPPORTED)
 
+    @staticmethod
+    def cuda_shm_unknown(name: str) -> None:
+        raise InferenceError(grpc.StatusCode.NOT_FOUND, f"Unable to find CUDA shared memory region: {name!r} "
+                                                        f"({CUDA_SHM_UNSUPPORTED})")
+
     # -- inference -------------------------------------------------------------------------
     def infer(self, request: WireRequest, deadline: float | None, scope: CallScope,
               protocol: str) -> WireResponse:  # fmt: skip

@@ -97,16 +97,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         _answer(context, self.service.shm_unregister, request.name, self._from_sibling(context))
         return pb.SystemSharedMemoryUnregisterResponse()
 
+    # No CUDA region can exist here: registering one is refused, the status lists none, and
+    # unregistering (which clients do for a clean start, after the system regions) has nothing to do.
     def CudaSharedMemoryStatus(self, request, context):
-        if request.name:  # no CUDA region can exist here
-            _answer(context, self.service.cuda_shm_unsupported)
+        if request.name:
+            _answer(context, self.service.cuda_shm_unknown, request.name)
         return pb.CudaSharedMemoryStatusResponse()
 
     def CudaSharedMemoryRegister(self, request, context):
         _answer(context, self.service.cuda_shm_unsupported)
 
     def CudaSharedMemoryUnregister(self, request, context):
-        _answer(context, self.service.cuda_shm_unsupported)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     def _from_sibling(self, context) -> bool:
         siblings = self.service.siblings

@@ -11,7 +11,7 @@
     GET  /v2/systemsharedmemory[/region/{r}]/status           system shared memory (Triton's extension)
     POST /v2/systemsharedmemory/region/{r}/register           {"key": "/name", "offset": 0, "byte_size": N}
     POST /v2/systemsharedmemory[/region/{r}]/unregister
-    *    /v2/cudasharedmemory/...                             501: not supported on this server
+    POST /v2/cudasharedmemory/region/{r}/register             501: not supported on this server
 
 Every answer comes from the same `InferenceService` as gRPC's, on the event loop:
 inference waits for its batch without a thread of its own (server.scheduling.steps.run_async),
@@ -142,7 +142,8 @@ class HttpApp:
             ("POST", re.compile(r"/v2/systemsharedmemory/region/(?P<region>[^/]+)/register"), self.shm_register),
             ("POST", re.compile(_SHM + "/unregister"), self.shm_unregister),
             ("GET", re.compile(_CUDA_SHM + "/status"), self.cuda_shm_status),
-            ("POST", re.compile(_CUDA_SHM + "/(?:register|unregister)"), self.cuda_shm),
+            ("POST", re.compile(r"/v2/cudasharedmemory/region/(?P<region>[^/]+)/register"), self.cuda_shm_register),
+            ("POST", re.compile(_CUDA_SHM + "/unregister"), self.cuda_shm_unregister),
         ]
 
     # -- ASGI ----------------------------------------------------------------------------------
@@ -337,13 +338,17 @@ class HttpApp:
         await asyncio.to_thread(self.service.shm_unregister, request.params["region"])
         return json_response({})
 
+    # No CUDA region can exist here (see the gRPC servicer): register refused, none listed, unregister a no-op.
     async def cuda_shm_status(self, request: Request) -> Response:
-        if request.params["region"]:  # no CUDA region can exist here
-            self.service.cuda_shm_unsupported()
+        if request.params["region"]:
+            self.service.cuda_shm_unknown(request.params["region"])
         return json_response([])
 
-    async def cuda_shm(self, request: Request) -> Response:
+    async def cuda_shm_register(self, request: Request) -> Response:
         self.service.cuda_shm_unsupported()
+
+    async def cuda_shm_unregister(self, request: Request) -> Response:
+        return json_response({})
 
     async def infer(self, request: Request) -> Response:
         body = await request.read_body()
