@@ -224,3 +224,15 @@ def test_tritonclient_round_trips_every_datatype(tritonclient_report, datatype, 
     assert "error" not in answer, answer
     assert answer["datatype"] == datatype and answer["shape"] == [3, 2]
     assert answer["value"] == cases[datatype], f"{way} {datatype}"
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16", "FP64", "INT32"])
+def test_classification_ranks_the_values_of_every_numeric_datatype(stub, datatype):
+    values = np.array([[1.5, -2.0], [0.25, 3.0]], np.float32)
+    array = models.samples(datatype)[:2].copy()
+    array[:] = (values.view(np.uint32) >> 16).astype("<u2") if datatype == "BF16" else values.astype(array.dtype)
+    request = grpc_request(models.identity_name(datatype), datatype, array)
+    request.outputs.add(name="OUTPUT0").parameters["classification"].int64_param = 1
+    response = stub.ModelInfer(request)
+    best = [item.decode().split(":")[1] for item in deserialize_bytes(response.raw_output_contents[0])]
+    assert best == ["0", "1"]  # row 0: 1.5 beats -2; row 1: 3 beats 0.25

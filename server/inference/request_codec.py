@@ -34,7 +34,13 @@ from typing import NamedTuple
 import numpy as np
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
-from ensemble_serving.tensors import CONTENTS_DTYPES, CONTENTS_FIELD, deserialize_bytes, serialize_bytes
+from ensemble_serving.tensors import (
+    CONTENTS_DTYPES,
+    CONTENTS_FIELD,
+    bf16_to_float32,
+    deserialize_bytes,
+    serialize_bytes,
+)
 from server.errors import InferenceError, invalid
 from server.inference.shared_memory import Region
 from server.models.repository import ModelSpec, TensorSpec
@@ -275,6 +281,8 @@ def encode_response(spec: ModelSpec, version: str, request_id: str, outputs: Ten
     for wanted in requested:
         array = outputs[wanted.name]
         if wanted.class_count:
+            if declared[wanted.name].datatype == "BF16":  # scores, not their bit patterns
+                array = bf16_to_float32(array).reshape(array.shape)
             data, shape = classify(array, wanted.class_count, declared[wanted.name].labels)
             tensors.append(WireOutput(wanted.name, "BYTES", shape, data))
         elif array.dtype == object:
