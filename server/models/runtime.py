@@ -220,13 +220,17 @@ class OnnxModel:
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
 
     def _run_bf16(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`run` for a model with BF16 tensors, which the server holds as uint16 bit patterns."""
-        feeds = {name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, _ONNX_BFLOAT16)
-                 if name in self._bf16_inputs else ort.OrtValue.ortvalue_from_numpy(array)
-                 for name, array in inputs.items()}  # fmt: skip
-        results = self.session.run_with_ort_values(self.output_names, feeds)
+        """`run` for a model with BF16 tensors, which the server holds as uint16 bit patterns.
+        The outputs are bound to host memory, so that they are readable whatever the provider."""
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, _ONNX_BFLOAT16)
+                                        if name in self._bf16_inputs else ort.OrtValue.ortvalue_from_numpy(array))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
         return {name: _bf16_bits(value) if name in self._bf16_outputs else value.numpy()
-                for name, value in zip(self.output_names, results)}  # fmt: skip
+                for name, value in zip(self.output_names, binding.get_outputs())}  # fmt: skip
 
     def warm_up(self) -> None:
         """One inference on zeros so that the first client request does not pay for
@@ -247,8 +251,8 @@ _ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16 (the server does not import onn
 
 def _bf16_bits(value: ort.OrtValue) -> np.ndarray:
     """A BF16 OrtValue's elements as uint16 bit patterns. OrtValue.numpy() refuses BF16, so
-    its bytes are copied from where onnxruntime holds them (CPU memory: the CUDA provider
-    hands outputs back on the host)."""
+    its bytes are copied from where onnxruntime holds them (host memory: `_run_bf16` binds
+    the outputs there)."""
     if value.device_name().lower() != "cpu":
         raise RuntimeError(f"a BF16 output on device {value.device_name()!r} cannot be read back")
     data = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
