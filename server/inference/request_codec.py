@@ -19,10 +19,10 @@ the service reads such an input's bytes from the region before decoding, and wri
 an output into it after encoding (server/inference/shared_memory.py).
 
 Outputs always travel raw (gRPC's `raw_output_contents`: what Triton does, and what
-tritonclient's `as_numpy` expects); an output written to shared memory has an empty one. An output requested with the classification
-parameter (`classification: k`, which tritonclient's class_count sends) is replaced by
-a BYTES tensor [batch, k] of "score:index:label" strings, best first (Triton's
-classification extension).
+tritonclient's `as_numpy` expects); an output written to shared memory has an empty one.
+An output requested with the classification parameter (`classification: k`, which
+tritonclient's class_count sends) is replaced by a BYTES tensor [batch, k] of
+"score:index:label" strings, best first (Triton's classification extension).
 """
 
 from __future__ import annotations
