@@ -480,11 +480,12 @@ def check_outputs(request, outputs: list[tuple[str, str, list[int], bytes]], ref
     (or top-k strings, checked elsewhere); `outputs` as (name, datatype, shape, raw), raw
     None for an output written to the shared-memory region (read back from `region`)."""
     expected = expected_probabilities(request, reference)
-    windows = {output.name: shm_window_of(output.parameters) for output in request.outputs}
-    for name, datatype, shape, raw in outputs:
+    # answered in the order asked (the same output may be asked twice: in shared memory, and not)
+    windows = [shm_window_of(output.parameters) for output in request.outputs]
+    for index, (name, datatype, shape, raw) in enumerate(outputs):
         assert name == ("OUTPUT0" if request.model_name == BYTES_MODEL else "probabilities")
         if raw is None:
-            _, size, offset = windows[name]
+            _, size, offset = windows[index]
             raw = bytes(region[offset:offset + size])
         if request.model_name == BYTES_MODEL:
             assert deserialize_bytes(raw[:len(serialize_bytes(list(expected.flat)))]) == list(expected.flat)
