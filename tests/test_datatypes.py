@@ -38,8 +38,21 @@ MODELS = [(datatype, name) for datatype in DATATYPES
 
 
 @pytest.fixture(scope="module")
-def datatype_server(start_server, tmp_path_factory):
-    return start_server(models.write_repository(tmp_path_factory.mktemp("datatypes")))
+def repository(tmp_path_factory):
+    return models.write_repository(tmp_path_factory.mktemp("datatypes"))
+
+
+@pytest.fixture(scope="module")
+def datatype_server(start_server, repository):
+    return start_server(repository)
+
+
+@pytest.fixture(scope="module")
+def batching_stub(start_server, repository):
+    """The same models with Triton's queue-delay rule and a long delay: a batch waits for 8
+    elements or 200 ms, however few requests came before (the adaptive rule would stop
+    waiting once it has as many as it recently held, which depends on the earlier tests)."""
+    return start_server(repository, "--queue-delay", "triton", "--max-queue-delay-us", "200000").stub()
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +146,10 @@ def test_http_json_and_binary(datatype_server, datatype, model, binary_in, binar
 
 
 @pytest.mark.parametrize("datatype", DATATYPES)
-def test_concurrent_requests_are_batched_for_every_datatype(datatype_server, stub, datatype):
-    """Six concurrent requests within the model's 30 ms queue delay: fewer executions than
-    requests, and every request gets its own rows back."""
+def test_concurrent_requests_are_batched_for_every_datatype(batching_stub, datatype):
+    """Six concurrent requests (9 elements) within the 200 ms queue delay: fewer executions
+    than requests, and every request gets its own rows back."""
+    stub = batching_stub
     model = models.identity_name(datatype)
     before = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model)).model_stats[0]
     arrays = [models.samples(datatype, batch=1 + index % 2, seed=index) for index in range(6)]
