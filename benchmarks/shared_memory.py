@@ -11,7 +11,8 @@ is mostly how the 600 KB input reaches the server. Its config.pbtxt (max_batch_s
 dynamic batching) is the same file for both servers.
 
 Each point is measured on one server while the other is idle, ours and Triton alternating,
-with the same perf_analyzer options (gRPC, one random input per request); throughput, p50
+with the same perf_analyzer options (gRPC, or HTTP with --protocol http; one random
+input per request); throughput, p50
 and p99 go to a markdown table (stdout) and to --json. Run it on a quiet machine, on purpose.
 """
 
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--triton", type=Path, default=DEFAULT_TRITON, help="Triton's serve script")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated concurrency levels")
     parser.add_argument("--measurement-ms", type=int, default=5000, help="perf_analyzer's measurement window")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="perf_analyzer's -i")
     parser.add_argument("--server-flag", action="append", default=[], help="an extra flag for our server")
     parser.add_argument("--json", type=Path, default=None, help="write the points here")
     parser.add_argument("--write-model-only", action="store_true", help="write the repository and stop")
@@ -87,9 +89,12 @@ def main() -> None:
                     extra = ["--shared-memory", memory]
                     if memory == "system":
                         extra += ["--output-shared-memory-size", "1024"]
-                    result = run_perf_analyzer(args.perf_analyzer, server.address, MODEL, concurrency, workdir,
-                                               measurement_ms=args.measurement_ms, extra=extra)  # fmt: skip
-                    points.append({"server": name, "shared_memory": memory, "concurrency": concurrency,
+                    address = server.address if args.protocol == "grpc" else server.http_address
+                    result = run_perf_analyzer(args.perf_analyzer, address, MODEL, concurrency, workdir,
+                                               measurement_ms=args.measurement_ms, protocol=args.protocol,
+                                               extra=extra)  # fmt: skip
+                    points.append({"server": name, "protocol": args.protocol, "shared_memory": memory,
+                                   "concurrency": concurrency,
                                    "throughput": result.throughput, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
                                    "stable": result.stable})  # fmt: skip
                     print(f"{name:6} shm {memory:6} c={concurrency:<3} {result.throughput:8.1f} req/s  "
