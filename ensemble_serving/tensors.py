@@ -2,9 +2,12 @@
 BYTES codec, shared by the client and the server so that both read the wire alike.
 
   NUMPY_DTYPES    protocol datatype name -> numpy dtype of its raw (little-endian) bytes;
-                  BYTES has no fixed width and is absent (see serialize_bytes)
+                  BYTES has no fixed width and is absent (see serialize_bytes). numpy has
+                  no bfloat16: BF16 is held as its 16-bit patterns (uint16), converted by
+                  bf16_to_float32 / float32_to_bf16
+  DATATYPES       every datatype served: NUMPY_DTYPES' and BYTES
   CONTENTS_FIELD  datatype -> the InferTensorContents field that carries it when a tensor
-                  travels typed instead of raw (FP16 travels raw only)
+                  travels typed instead of raw (FP16 and BF16 travel raw only, as in Triton)
   CONTENTS_DTYPES that field -> the numpy type its values decode to (wider than the tensor's
                   own for the 8- and 16-bit integers: int_contents holds int32s)
   ONNX_TYPES      onnxruntime's element type string -> datatype name
@@ -31,7 +34,9 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "FP16": np.dtype("<f2"),
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
+    "BF16": np.dtype("<u2"),
 }
+DATATYPES: tuple[str, ...] = (*NUMPY_DTYPES, "BYTES")
 
 CONTENTS_FIELD: dict[str, str] = {
     "BOOL": "bool_contents",
@@ -55,6 +60,7 @@ ONNX_TYPES: dict[str, str] = {
     "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
     "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
     "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16", "tensor(string)": "BYTES",
 }  # fmt: skip
 
 _LENGTH = struct.Struct("<I")  # each BYTES element: a 4-byte little-endian length, then the bytes
@@ -78,3 +84,15 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
         values.append(bytes(raw[offset : offset + length]))
         offset += length
     return values
+
+
+def float32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values as BF16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(values, dtype="<f4").view("<u4")
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded).astype("<u2")
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (uint16) as the float32 values they stand for (exactly)."""
+    return (np.ascontiguousarray(bits, dtype="<u2").astype("<u4") << 16).view("<f4")

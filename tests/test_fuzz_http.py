@@ -1,7 +1,7 @@
 """Property-based fuzzing of the HTTP/REST infer endpoint against the real server subprocess.
 
-The requests are those of the gRPC fuzz test (tests/test_fuzz.py: random ones, and valid
-ones mutated), written as KServe v2 REST bodies (raw contents as Triton's binary
+The requests are those of the gRPC fuzz test (tests/test_fuzz.py: random ones, valid ones
+mutated, BYTES ones and ones in system shared memory), written as KServe v2 REST bodies (raw contents as Triton's binary
 extension, typed contents as JSON `data`), and then damaged the way only HTTP can be: a
 cut body, a flipped byte in the JSON header, a wrong Inference-Header-Content-Length, an
 unknown Content-Encoding. Properties:
@@ -26,15 +26,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
+from ensemble_serving.tensors import serialize_bytes
 from tests.support.http import HEADER_LENGTH, call, infer
-from tests.test_fuzz import (  # noqa: F401 (fuzz_server is a fixture)
+from tests.test_fuzz import (  # noqa: F401 (fuzz_server and fuzz_region are fixtures)
+    BYTES_MODEL,
     DERANDOMIZE,
     EXAMPLES,
+    REGION_SIZE,
     Reference,
-    expected_probabilities,
+    check_outputs,
+    fuzz_region,
     fuzz_server,
     mutated_requests,
     random_requests,
+    shm_requests,
 )
 
 ALLOWED = {200, 400, 404, 413, 415}
@@ -52,7 +57,20 @@ def _contents(tensor) -> list:
     if not fields:
         return []
     values = list(fields[0][1])
+    if fields[0][0].name == "bytes_contents":
+        # JSON carries text: what is not UTF-8 goes as latin-1, and the request is made to
+        # say what was sent (its UTF-8), so that the answer is checked against that.
+        text = [_text(v) for v in values]
+        tensor.contents.bytes_contents[:] = [item.encode("utf-8") for item in text]
+        return text
     return [v.decode("latin-1") if isinstance(v, bytes) else v for v in values]
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def http_body(request: pb.ModelInferRequest) -> tuple[str, bytes, dict]:
@@ -60,13 +78,18 @@ def http_body(request: pb.ModelInferRequest) -> tuple[str, bytes, dict]:
     header: dict = {"id": request.id} if request.id else {}
     header["parameters"] = {key: _parameter(value) for key, value in request.parameters.items()}
     header["inputs"], blobs = [], []
-    for index, tensor in enumerate(request.inputs):
+    raw = iter(request.raw_input_contents)  # they pair with the inputs not in shared memory, as on gRPC
+    for tensor in request.inputs:
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        if index < len(request.raw_input_contents):
-            entry["parameters"] = {"binary_data_size": len(request.raw_input_contents[index])}
-            blobs.append(request.raw_input_contents[index])
-        else:
+        parameters = {key: _parameter(value) for key, value in tensor.parameters.items()}
+        data = None if "shared_memory_region" in parameters else next(raw, None)
+        if data is not None:
+            parameters["binary_data_size"] = len(data)
+            blobs.append(data)
+        elif "shared_memory_region" not in parameters:
             entry["data"] = _contents(tensor)
+        if parameters:
+            entry["parameters"] = parameters
         header["inputs"].append(entry)
     header["outputs"] = [{"name": output.name,
                           "parameters": {key: _parameter(value) for key, value in output.parameters.items()}}
@@ -95,14 +118,25 @@ def damage(draw, body: bytes, headers: dict, kind: str) -> tuple[bytes, dict]:
     return body, headers
 
 
-def check_answer(request: pb.ModelInferRequest, answer, reference: Reference) -> None:
-    expected = expected_probabilities(request, reference)
-    for index, tensor in enumerate(answer.json()["outputs"]):
-        if tensor["datatype"] != "BYTES":  # classification strings are checked by the endpoint tests
-            np.testing.assert_allclose(answer.output(index), expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+def check_answer(request: pb.ModelInferRequest, answer, reference: Reference, region) -> None:
+    """The outputs as (name, datatype, shape, raw), raw None for one in shared memory, checked
+    as the gRPC test checks them."""
+    outputs, offset = [], int(answer.headers.get(HEADER_LENGTH.lower(), len(answer.body)))
+    for tensor in answer.json()["outputs"]:
+        parameters = tensor.get("parameters", {})
+        raw = None
+        if "binary_data_size" in parameters:
+            raw = answer.body[offset:offset + parameters["binary_data_size"]]
+            offset += parameters["binary_data_size"]
+        elif tensor["datatype"] == "BYTES" and "data" in tensor:
+            raw = serialize_bytes([item.encode("utf-8") for item in tensor["data"]])
+        elif "data" in tensor:
+            raw = np.array(tensor["data"], dtype="<f4").tobytes()
+        outputs.append((tensor["name"], tensor["datatype"], tensor["shape"], raw))
+    check_outputs(request, outputs, reference, region)
 
 
-def test_fuzz_http_infer(fuzz_server, tiny_repository, capsys):
+def test_fuzz_http_infer(fuzz_server, fuzz_region, tiny_repository, capsys):
     reference = Reference(tiny_repository)
     port = fuzz_server.http_port
     models = [tiny_repository.ensemble, *tiny_repository.members, tiny_repository.average]
@@ -114,11 +148,13 @@ def test_fuzz_http_infer(fuzz_server, tiny_repository, capsys):
     # Three times the gRPC test's count: an HTTP request costs this test a few milliseconds.
     @settings(max_examples=3 * EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
-    @given(request=st.one_of(random_requests(models), mutated_requests(tiny_repository), mutated_requests(tiny_repository)),
+    @given(request=st.one_of(random_requests([*models, BYTES_MODEL]), mutated_requests(tiny_repository),
+                             mutated_requests(tiny_repository), shm_requests(tiny_repository)),
            kind=st.sampled_from(DAMAGE), data=st.data())
     def one_request(request, kind, data):
         path, body, headers = http_body(request)
         body, headers = damage(data.draw, body, headers, kind)
+        reference.region = bytes(fuzz_region.buf[:REGION_SIZE])
         try:
             answer = call(port, "POST", path, body, headers, timeout=20)
         except OSError as error:
@@ -130,7 +166,7 @@ def test_fuzz_http_infer(fuzz_server, tiny_repository, capsys):
             crashes.append(f"{answer.status}: {answer.body[:200]!r} for {path} ({kind})")
         assert answer.status in ALLOWED, f"{answer.status}: {answer.body[:300]!r}"
         if answer.status == 200 and kind == "none" and request.inputs:
-            check_answer(request, answer, reference)
+            check_answer(request, answer, reference, fuzz_region.buf)
         model = models[sum(statuses.values()) % 3]
         images = probe_rng.integers(0, 256, (int(probe_rng.integers(1, 5)), *tiny_repository.image_shape), dtype=np.uint8)
         valid = infer(port, model, images)

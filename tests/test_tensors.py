@@ -11,9 +11,12 @@ from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.tensors import (
     CONTENTS_DTYPES,
     CONTENTS_FIELD,
+    DATATYPES,
     NUMPY_DTYPES,
     ONNX_TYPES,
+    bf16_to_float32,
     deserialize_bytes,
+    float32_to_bf16,
     serialize_bytes,
 )
 
@@ -41,7 +44,17 @@ def test_tables_agree_with_each_other_and_with_the_protocol():
     fields = {field.name for field in pb.InferTensorContents.DESCRIPTOR.fields}
     assert set(CONTENTS_FIELD.values()) <= fields
     assert set(CONTENTS_DTYPES) == set(CONTENTS_FIELD.values()) - {"bytes_contents"}
-    assert set(ONNX_TYPES.values()) == set(NUMPY_DTYPES)
-    assert set(CONTENTS_FIELD) - {"BYTES"} == set(NUMPY_DTYPES) - {"FP16"}  # FP16 travels raw only
+    assert set(ONNX_TYPES.values()) == set(DATATYPES) == {*NUMPY_DTYPES, "BYTES"}
+    assert set(CONTENTS_FIELD) - {"BYTES"} == set(NUMPY_DTYPES) - {"FP16", "BF16"}  # they travel raw only
     for datatype, dtype in NUMPY_DTYPES.items():
         assert dtype.byteorder in ("<", "|", "=") and (dtype.byteorder != "=" or np.little_endian), datatype
+
+
+def test_bf16_conversion_rounds_to_nearest_even_and_keeps_specials():
+    values = np.array([1.0, -2.5, 3.140625, 1 + 2**-8, 1 + 3 * 2**-8, np.inf, -np.inf, 0.0, -0.0], np.float32)
+    bits = float32_to_bf16(values)
+    assert bits.dtype == np.dtype("<u2")
+    # 1 + 2**-8 lies halfway between 1 and 1 + 2**-7: to even (1); 1 + 3 * 2**-8 rounds up to 1 + 2**-6
+    np.testing.assert_array_equal(bf16_to_float32(bits), [1.0, -2.5, 3.140625, 1.0, 1 + 2**-6, np.inf, -np.inf, 0, 0])
+    assert np.signbit(bf16_to_float32(bits)[-1])
+    assert np.isnan(bf16_to_float32(float32_to_bf16(np.array([np.nan], np.float32))))[0]

@@ -27,6 +27,7 @@ from server.inference.request_codec import (
     decode_request,
     encode_response,
 )
+from server.inference.shared_memory import SystemSharedMemory
 from server.models.control import ModelController
 from server.models.registry import LoadedModel, ModelRegistry
 from server.observability import tracing
@@ -38,7 +39,10 @@ from server.scheduling.steps import run_async, run_blocking
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "ensemble-serving"
-EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "binary_tensor_data")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "binary_tensor_data",
+              "system_shared_memory")
+CUDA_SHM_UNSUPPORTED = ("CUDA shared memory is not supported on this server (it runs no CUDA build of the "
+                        "server); use system shared memory (SystemSharedMemoryRegister)")
 
 _OUTCOME = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
@@ -63,6 +67,7 @@ class ServerState:
     def __init__(self) -> None:
         self.registry = ModelRegistry()
         self.controller: ModelController | None = None  # set by the app before the ports open
+        self.shared_memory = SystemSharedMemory()
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -155,6 +160,10 @@ class SiblingStatistics(Protocol):
 
     def collect(self, name: str, version: str) -> list[pb.ModelStatistics]: ...
 
+    def register_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> None: ...
+
+    def unregister_shared_memory(self, name: str) -> None: ...
+
 
 class InferenceService:
     def __init__(self, state: ServerState, metrics: ServerMetrics, siblings: SiblingStatistics | None = None):
@@ -219,6 +228,40 @@ class InferenceService:
             log.exception("%s %s failed", operation.__name__, name)
             raise InferenceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}") from None
 
+    # -- system shared memory (server/inference/shared_memory.py does the work) ----------------
+    def shm_status(self, name: str) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region, key, offset, byte_size in self.state.shared_memory.status(name):
+            response.regions[region].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=region, key=key, offset=offset, byte_size=byte_size))
+        return response
+
+    def shm_register(self, name: str, key: str, offset: int, byte_size: int, from_sibling: bool = False) -> None:
+        """Map the region here and, with --workers (unless a sibling asks), in every other worker."""
+        log.info("register system shared memory %r: key %r, offset %d, %d bytes", name, key, offset, byte_size)
+        self.state.shared_memory.register(name, key, offset, byte_size)
+        if self.siblings is not None and not from_sibling:
+            try:
+                self.siblings.register_shared_memory(name, key, offset, byte_size)
+            except InferenceError:
+                self.state.shared_memory.unregister(name)  # all workers or none
+                raise
+
+    def shm_unregister(self, name: str, from_sibling: bool = False) -> None:
+        log.info("unregister system shared memory %r", name or "(all)")
+        self.state.shared_memory.unregister(name)
+        if self.siblings is not None and not from_sibling:
+            self.siblings.unregister_shared_memory(name)
+
+    @staticmethod
+    def cuda_shm_unsupported() -> None:
+        raise InferenceError(grpc.StatusCode.UNIMPLEMENTED, CUDA_SHM_UNSUPPORTED)
+
+    @staticmethod
+    def cuda_shm_unknown(name: str) -> None:
+        raise InferenceError(grpc.StatusCode.NOT_FOUND, f"Unable to find CUDA shared memory region: {name!r} "
+                                                        f"({CUDA_SHM_UNSUPPORTED})")
+
     # -- inference -------------------------------------------------------------------------
     def infer(self, request: WireRequest, deadline: float | None, scope: CallScope, protocol: str,
               carrier=None) -> WireResponse:  # fmt: skip
@@ -229,7 +272,7 @@ class InferenceService:
                 call.trace(request, carrier, scope)
             decoded = self._decode(request, call)
             outputs = run_blocking(call.model.scheduler.steps(decoded.inputs, decoded.batch_size, deadline, scope))
-            return encode_response(call.model.spec, call.model.version, request.id, outputs, decoded.outputs)
+            return self._encode(call, request, outputs, decoded)
 
     async def infer_async(self, request: WireRequest, deadline: float | None, scope: CallScope, protocol: str,
                           carrier=None) -> WireResponse:  # fmt: skip
@@ -240,7 +283,15 @@ class InferenceService:
                 call.trace(request, carrier, scope)
             decoded = self._decode(request, call)
             outputs = await run_async(call.model.scheduler.steps(decoded.inputs, decoded.batch_size, deadline, scope))
-            return encode_response(call.model.spec, call.model.version, request.id, outputs, decoded.outputs)
+            return self._encode(call, request, outputs, decoded)
+
+    def _encode(self, call: _AccountedCall, request: WireRequest, outputs, decoded: DecodedRequest) -> WireResponse:
+        response = encode_response(call.model.spec, call.model.version, request.id, outputs, decoded.outputs)
+        for output in response.outputs:
+            if output.region is not None:
+                self.state.shared_memory.write(output.region, output.raw, f"output {output.name!r}")
+                output.raw = b""
+        return response
 
     def _decode(self, request: WireRequest, call: _AccountedCall) -> DecodedRequest:
         state = self.state
@@ -250,6 +301,9 @@ class InferenceService:
                                  else "the server is not ready: models are still loading")
         # A lease: a version replaced meanwhile finishes this request before it closes.
         call.model = state.registry.acquire(request.model_name, request.model_version)
+        for tensor in request.inputs:
+            if tensor.region is not None:
+                tensor.raw = state.shared_memory.read(tensor.region, f"input {tensor.name!r}")
         decoded = decode_request(request, call.model.spec)
         if call.span is not None:
             call.tracer.request_decoded(call.span, call.model.version, decoded.batch_size)

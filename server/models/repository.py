@@ -26,7 +26,7 @@ from ensemble_serving.model_config import (
     datatype_name,
     load_model_config,
 )
-from ensemble_serving.tensors import NUMPY_DTYPES
+from ensemble_serving.tensors import DATATYPES, NUMPY_DTYPES
 from server.models.autocomplete import (
     AutoComplete,
     AutoCompleteError,
@@ -39,6 +39,9 @@ ONNX_PLATFORMS = {"onnxruntime_onnx"}
 ONNX_BACKENDS = {"onnxruntime"}
 ENSEMBLE_PLATFORM = "ensemble"
 DEFAULT_MODEL_FILENAME = "model.onnx"
+
+_OBJECT = np.dtype(object)
+
 
 class RepositoryError(Exception):
     """The repository, or a model in it, cannot be served as it is."""
@@ -55,7 +58,9 @@ class TensorSpec:
 
     @property
     def dtype(self) -> np.dtype:
-        return NUMPY_DTYPES[self.datatype]
+        """How the server holds the tensor: BYTES as an object array of str (onnxruntime's
+        string tensors), BF16 as uint16 bit patterns, the others as themselves."""
+        return _OBJECT if self.datatype == "BYTES" else NUMPY_DTYPES[self.datatype]
 
     def shape(self, batching: bool) -> list[int]:
         """The full shape clients see (ModelMetadata): batch dimension -1 first when batching."""
@@ -138,8 +143,9 @@ def _tensor_specs(kind: str, tensors, directory: Path, model: str) -> tuple[Tens
             datatype = datatype_name(tensor.data_type)
         except ModelConfigError as error:
             raise RepositoryError(f"model {model!r}: {kind} {tensor.name!r}: {error}") from None
-        if datatype not in NUMPY_DTYPES:
-            raise RepositoryError(f"model {model!r}: {kind} {tensor.name!r}: datatype {datatype} is not supported")
+        if datatype not in DATATYPES:
+            raise RepositoryError(f"model {model!r}: {kind} {tensor.name!r}: datatype {datatype} is not supported "
+                                  f"(served: {', '.join(DATATYPES)})")
         labels: tuple[str, ...] = ()
         label_filename = getattr(tensor, "label_filename", "")
         if label_filename:

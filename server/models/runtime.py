@@ -11,6 +11,7 @@ computes, and one session may be run from several threads at once.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,12 @@ class OnnxModel:
                         spec.name, version, self.provider)
         self._check_signature()
         self.output_names = [tensor.name for tensor in spec.outputs]
+        # numpy has no bfloat16, so onnxruntime's plain `run` cannot take or give BF16:
+        # models with BF16 tensors run through OrtValues (`_run_bf16`).
+        self._bf16_inputs = {tensor.name for tensor in spec.inputs if tensor.datatype == "BF16"}
+        self._bf16_outputs = {tensor.name for tensor in spec.outputs if tensor.datatype == "BF16"}
+        if self._bf16_inputs or self._bf16_outputs:
+            self.run = self._run_bf16
 
     @staticmethod
     def _instance_kind(spec: ModelSpec) -> str:
@@ -208,7 +215,22 @@ class OnnxModel:
                 _check_tensor(kind, spec, node.type, list(node.shape), self.spec.batching, name)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """BYTES inputs are object arrays of str, which onnxruntime copies with their NULs;
+        BYTES outputs come back the same way."""
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+    def _run_bf16(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run` for a model with BF16 tensors, which the server holds as uint16 bit patterns.
+        The outputs are bound to host memory, so that they are readable whatever the provider."""
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, _ONNX_BFLOAT16)
+                                        if name in self._bf16_inputs else ort.OrtValue.ortvalue_from_numpy(array))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return {name: _bf16_bits(value) if name in self._bf16_outputs else value.numpy()
+                for name, value in zip(self.output_names, binding.get_outputs())}  # fmt: skip
 
     def warm_up(self) -> None:
         """One inference on zeros so that the first client request does not pay for
@@ -216,4 +238,22 @@ class OnnxModel:
         if any(dim < 0 for spec in self.spec.inputs for dim in spec.dims):
             return
         batch = [1] if self.spec.batching else []
-        self.run({spec.name: np.zeros([*batch, *spec.dims], dtype=spec.dtype) for spec in self.spec.inputs})
+        self.run({spec.name: zeros([*batch, *spec.dims], spec.dtype) for spec in self.spec.inputs})
+
+
+def zeros(shape: list[int], dtype: np.dtype) -> np.ndarray:
+    """A tensor of zeros; for BYTES (object arrays) of empty strings, which onnxruntime takes."""
+    return np.full(shape, "", dtype=object) if dtype == object else np.zeros(shape, dtype)
+
+
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16 (the server does not import onnx)
+
+
+def _bf16_bits(value: ort.OrtValue) -> np.ndarray:
+    """A BF16 OrtValue's elements as uint16 bit patterns. OrtValue.numpy() refuses BF16, so
+    its bytes are copied from where onnxruntime holds them (host memory: `_run_bf16` binds
+    the outputs there)."""
+    if value.device_name().lower() != "cpu":
+        raise RuntimeError(f"a BF16 output on device {value.device_name()!r} cannot be read back")
+    data = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
+    return np.frombuffer(data, dtype="<u2").reshape(value.shape())

@@ -17,9 +17,9 @@ import logging
 import numpy as np
 
 from ensemble_serving.model_config import ModelConfigError, datatype_name
-from ensemble_serving.tensors import NUMPY_DTYPES
+from ensemble_serving.tensors import NUMPY_DTYPES, deserialize_bytes, float32_to_bf16
 from server.models.repository import ModelSpec, RepositoryError, inside_model_folder
-from server.models.runtime import OnnxModel
+from server.models.runtime import OnnxModel, zeros
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,16 @@ def warmup_inputs(spec: ModelSpec, entry) -> dict[str, np.ndarray]:
 def _input_data(spec: ModelSpec, where: str, name: str, warmup_input, batch: list[int],
                 rng: np.random.Generator) -> np.ndarray:  # fmt: skip
     try:
-        dtype = np.dtype(NUMPY_DTYPES[datatype_name(warmup_input.data_type)])
+        datatype = datatype_name(warmup_input.data_type)
+        dtype = np.dtype(object) if datatype == "BYTES" else np.dtype(NUMPY_DTYPES[datatype])
     except (ModelConfigError, KeyError):
         raise RepositoryError(f"{where}: input {name!r} has an unsupported data_type") from None
     shape = [*batch, *warmup_input.dims]
     kind = warmup_input.WhichOneof("input_data_type")
+    if datatype == "BYTES" and kind != "input_data_file":
+        return zeros(shape, dtype)  # empty strings: random text warms nothing more up
+    if datatype == "BF16" and kind == "random_data":
+        return float32_to_bf16(rng.random(shape, dtype=np.float32))
     if kind == "random_data":
         if dtype.kind in "iu":
             info = np.iinfo(dtype)
@@ -68,8 +73,8 @@ def _input_data(spec: ModelSpec, where: str, name: str, warmup_input, batch: lis
         path = inside_model_folder(spec.directory / WARMUP_FOLDER / warmup_input.input_data_file, spec.directory,
                                    "model_warmup input_data_file", spec.name)
         try:
-            data = np.frombuffer(path.read_bytes(), dtype=dtype)
-        except OSError as error:
+            data = _file_values(path.read_bytes(), dtype)
+        except (OSError, ValueError) as error:
             raise RepositoryError(f"{where}: input {name!r}: {error}") from None
         one = int(np.prod(warmup_input.dims))
         if data.size != one:
@@ -77,3 +82,11 @@ def _input_data(spec: ModelSpec, where: str, name: str, warmup_input, batch: lis
                                   f"{list(warmup_input.dims)} need {one}")
         return np.broadcast_to(data.reshape(warmup_input.dims), shape).copy()
     return np.zeros(shape, dtype)  # zero_data, or no choice made
+
+
+def _file_values(data: bytes, dtype: np.dtype) -> np.ndarray:
+    """An input_data_file's values: raw little-endian values, or for BYTES length-prefixed
+    UTF-8 elements (as Triton reads them)."""
+    if dtype != object:
+        return np.frombuffer(data, dtype=dtype)
+    return np.array([item.decode("utf-8") for item in deserialize_bytes(data)], dtype=object)

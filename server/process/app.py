@@ -178,6 +178,7 @@ async def serve(settings: ServerSettings, role: WorkerRole | None = None) -> Non
         if ports is not None:
             await ports.stop()
         await asyncio.to_thread(state.registry.close)
+        state.shared_memory.close()  # unmap every region still registered
         metrics.shutdown()
         await asyncio.to_thread(tracing.stop)  # exports the spans still buffered
     log.info("stopped")

@@ -63,9 +63,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelStatistics(self, request, context):
         log.debug("ModelStatistics name=%r version=%r", request.name, request.version)
-        siblings = self.service.siblings
-        own_only = siblings is not None and siblings.asked_by_sibling(context.invocation_metadata())
-        return _answer(context, self.service.model_statistics, request.name, request.version, own_only)
+        return _answer(context, self.service.model_statistics, request.name, request.version,
+                       self._from_sibling(context))
 
     # -- model repository (server/models/control.py does the work) ----------------------
     def RepositoryIndex(self, request, context):
@@ -84,6 +83,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         dependents = "unload_dependents" in parameters and parameters["unload_dependents"].bool_param
         _answer(context, self.service.unload_model, request.model_name, dependents)
         return pb.RepositoryModelUnloadResponse()
+
+    # -- system shared memory (server/inference/shared_memory.py) -------------------------
+    def SystemSharedMemoryStatus(self, request, context):
+        return _answer(context, self.service.shm_status, request.name)
+
+    def SystemSharedMemoryRegister(self, request, context):
+        from_sibling = self._from_sibling(context)
+        _answer(context, self.service.shm_register, request.name, request.key, request.offset, request.byte_size,
+                from_sibling)  # fmt: skip
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryUnregister(self, request, context):
+        _answer(context, self.service.shm_unregister, request.name, self._from_sibling(context))
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    # No CUDA region can exist here: registering one is refused, the status lists none, and
+    # unregistering (which clients do for a clean start, after the system regions) has nothing to do.
+    def CudaSharedMemoryStatus(self, request, context):
+        if request.name:
+            _answer(context, self.service.cuda_shm_unknown, request.name)
+        return pb.CudaSharedMemoryStatusResponse()
+
+    def CudaSharedMemoryRegister(self, request, context):
+        _answer(context, self.service.cuda_shm_unsupported)
+
+    def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    def _from_sibling(self, context) -> bool:
+        siblings = self.service.siblings
+        return siblings is not None and siblings.asked_by_sibling(context.invocation_metadata())
 
     def ModelInfer(self, request, context):
         deadline = _deadline(context)

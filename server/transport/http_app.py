@@ -8,6 +8,10 @@
     POST /v2/models/{m}[/versions/{v}]/infer                  JSON or binary tensors
     POST /v2/repository/index
     POST /v2/repository/models/{m}/load | /unload             model control (--model-control-mode explicit)
+    GET  /v2/systemsharedmemory[/region/{r}]/status           system shared memory (Triton's extension)
+    POST /v2/systemsharedmemory/region/{r}/register           {"key": "/name", "offset": 0, "byte_size": N}
+    POST /v2/systemsharedmemory[/region/{r}]/unregister
+    POST /v2/cudasharedmemory/region/{r}/register             501: not supported on this server
 
 Every answer comes from the same `InferenceService` as gRPC's, on the event loop:
 inference waits for its batch without a thread of its own (server.scheduling.steps.run_async),
@@ -51,6 +55,7 @@ from server.transport.http_codec import (
     parse_json_object,
 )
 from server.transport.security import TokenCheck
+from server.transport.slow_bodies import SlowBodies
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +111,8 @@ def json_response(content: Message | dict | list, status: int = 200) -> Response
 
 
 _MODEL = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+_SHM = r"/v2/systemsharedmemory(?:/region/(?P<region>[^/]+))?"
+_CUDA_SHM = r"/v2/cudasharedmemory(?:/region/(?P<region>[^/]+))?"
 
 
 class HttpApp:
@@ -116,7 +123,7 @@ class HttpApp:
         self.service = service
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
-        self._slow_bodies = _SlowBodies(body_timeout_s)
+        self._slow_bodies = SlowBodies(body_timeout_s)
         # Tried in order; inference first, as nearly every request is one.
         self.routes: list[tuple[str, re.Pattern, Callable[[Request], Awaitable[Response]]]] = [
             ("POST", re.compile(_MODEL + "/infer"), self.infer),
@@ -131,6 +138,12 @@ class HttpApp:
             ("POST", re.compile(r"/v2/repository/index"), self.repository_index),
             ("POST", re.compile(r"/v2/repository/models/(?P<name>[^/]+)/load"), self.load_model),
             ("POST", re.compile(r"/v2/repository/models/(?P<name>[^/]+)/unload"), self.unload_model),
+            ("GET", re.compile(_SHM + "/status"), self.shm_status),
+            ("POST", re.compile(r"/v2/systemsharedmemory/region/(?P<region>[^/]+)/register"), self.shm_register),
+            ("POST", re.compile(_SHM + "/unregister"), self.shm_unregister),
+            ("GET", re.compile(_CUDA_SHM + "/status"), self.cuda_shm_status),
+            ("POST", re.compile(r"/v2/cudasharedmemory/region/(?P<region>[^/]+)/register"), self.cuda_shm_register),
+            ("POST", re.compile(_CUDA_SHM + "/unregister"), self.cuda_shm_unregister),
         ]
 
     # -- ASGI ----------------------------------------------------------------------------------
@@ -302,6 +315,41 @@ class HttpApp:
         await asyncio.to_thread(self.service.unload_model, request.params["name"], dependents)
         return json_response({})
 
+    # -- system shared memory ----------------------------------------------------------------
+    async def shm_status(self, request: Request) -> Response:
+        regions = self.service.shm_status(request.params["region"]).regions
+        # Triton answers a bare list of regions.
+        return json_response([message_dict(regions[name]) for name in sorted(regions)])
+
+    async def shm_register(self, request: Request) -> Response:
+        options = await _json_options(request)
+        key = options.get("key")
+        if not isinstance(key, str):
+            raise invalid(f"register body needs 'key': the shared memory object's name, got {json.dumps(key)}")
+        sizes = [options.get(field, 0) for field in ("offset", "byte_size")]
+        for field, value in zip(("offset", "byte_size"), sizes):
+            if type(value) is not int:
+                raise invalid(f"register body: {field!r} must be a byte count, got {json.dumps(value)}")
+        # With --workers the siblings are asked too: off the event loop.
+        await asyncio.to_thread(self.service.shm_register, request.params["region"], key, *sizes)
+        return json_response({})
+
+    async def shm_unregister(self, request: Request) -> Response:
+        await asyncio.to_thread(self.service.shm_unregister, request.params["region"])
+        return json_response({})
+
+    # No CUDA region can exist here (see the gRPC servicer): register refused, none listed, unregister a no-op.
+    async def cuda_shm_status(self, request: Request) -> Response:
+        if request.params["region"]:
+            self.service.cuda_shm_unknown(request.params["region"])
+        return json_response([])
+
+    async def cuda_shm_register(self, request: Request) -> Response:
+        self.service.cuda_shm_unsupported()
+
+    async def cuda_shm_unregister(self, request: Request) -> Response:
+        return json_response({})
+
     async def infer(self, request: Request) -> Response:
         body = await request.read_body()
         try:
@@ -322,43 +370,6 @@ class HttpApp:
             return Response(body=body)
         return Response(body=body, content_type=BINARY_CONTENT_TYPE,
                         headers=[(HEADER_LENGTH.encode(), str(header_length).encode())])
-
-
-class _SlowBodies:
-    """Cancels the requests whose bodies take more than `timeout_s` to arrive. One timer
-    checks all the bodies still arriving a few times per timeout: asyncio.timeout around
-    each read would cost 5 us a request, 5-8 % of all the event loop does for a small one."""
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
-        self._check_every_s = min(1.0, timeout_s / 4)
-        self._reading: dict[asyncio.Task, float] = {}  # task -> loop time its body is late at
-        self._late: set[asyncio.Task] = set()  # cancelled by `_check`, not yet told
-        self._timer: asyncio.TimerHandle | None = None
-
-    def watch(self, task: asyncio.Task) -> None:
-        loop = task.get_loop()
-        self._reading[task] = loop.time() + self.timeout_s
-        if self._timer is None:
-            self._timer = loop.call_later(self._check_every_s, self._check, loop)
-
-    def unwatch(self, task: asyncio.Task) -> bool:
-        """Stop watching `task` (again is harmless); True when it was cancelled for being late."""
-        self._reading.pop(task, None)
-        if task not in self._late:
-            return False
-        self._late.discard(task)
-        task.uncancel()
-        return True
-
-    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
-        for task, late_at in list(self._reading.items()):
-            if now >= late_at:
-                del self._reading[task]
-                self._late.add(task)
-                task.cancel()
-        self._timer = loop.call_later(self._check_every_s, self._check, loop) if self._reading else None
 
 
 class _Disconnected(Exception):

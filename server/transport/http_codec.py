@@ -34,15 +34,19 @@ from google.protobuf import descriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from ensemble_serving.tensors import NUMPY_DTYPES, deserialize_bytes, serialize_bytes
+from ensemble_serving.tensors import NUMPY_DTYPES, bf16_to_float32, deserialize_bytes, float32_to_bf16, serialize_bytes
 from server.inference.request_codec import (
     CLASSIFICATION_PARAMETERS,
+    SHM_BYTE_SIZE,
+    SHM_OFFSET,
+    SHM_REGION,
     RequestedOutput,
     WireInput,
     WireRequest,
     WireResponse,
     invalid,
     requested_output,
+    shm_region,
 )
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -149,7 +153,13 @@ def _input(tensor: dict, binary: memoryview, offset: int) -> tuple[WireInput, in
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise invalid(f"input {name!r}: 'shape' must be a list of non-negative integers, got {json.dumps(shape)}")
-    size = json_object(tensor.get("parameters", {}), f"input {name!r}: 'parameters'").get("binary_data_size")
+    parameters = json_object(tensor.get("parameters", {}), f"input {name!r}: 'parameters'")
+    region = shm_region(f"input {name!r}", parameters)
+    if region is not None:  # read from the region by the service
+        if "data" in tensor or "binary_data_size" in parameters:
+            raise invalid(f"input {name!r} names shared memory region {region.name!r} and carries data too; use one")
+        return WireInput(name, datatype, shape, None, None, region), offset
+    size = parameters.get("binary_data_size")
     if size is not None:
         size = _typed(size, int, f"input {name!r}: binary_data_size")
         if "data" in tensor:
@@ -178,6 +188,8 @@ def _json_data(name: str, datatype: str, shape: list[int], data) -> bytes:
                       f"{', '.join([*NUMPY_DTYPES, 'BYTES'])}")
     values = _flat(data)
     _check_count(name, len(values), shape, count)
+    if datatype == "BF16":  # JSON numbers, held as their BF16 bit patterns
+        return float32_to_bf16(_numbers(name, datatype, NUMPY_DTYPES["FP32"], values)).tobytes()
     return _numbers(name, datatype, dtype, values).tobytes()
 
 
@@ -240,10 +252,12 @@ def _outputs(outputs, parameters: dict) -> tuple[list[RequestedOutput], Response
 
 
 def _requested(name: str, parameters: dict) -> RequestedOutput:
+    region = shm_region(f"output {name!r}", parameters)
     for key in CLASSIFICATION_PARAMETERS:
         if key in parameters:
-            return requested_output(name, key, _typed(parameters[key], int, f"output {name!r}: parameter {key!r}"))
-    return requested_output(name)
+            return requested_output(name, key, _typed(parameters[key], int, f"output {name!r}: parameter {key!r}"),
+                                    region)
+    return requested_output(name, region=region)
 
 
 def _timeout_s(parameters: dict) -> float | None:
@@ -266,7 +280,11 @@ def infer_response(response: WireResponse, response_format: ResponseFormat) -> t
     outputs = header["outputs"] = []
     for tensor in response.outputs:
         output = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
-        if response_format.is_binary(tensor.name):
+        if tensor.region is not None:  # written to shared memory: say where, as Triton does
+            output["parameters"] = {SHM_REGION: tensor.region.name, SHM_BYTE_SIZE: tensor.region.byte_size}
+            if tensor.region.offset:
+                output["parameters"][SHM_OFFSET] = tensor.region.offset
+        elif response_format.is_binary(tensor.name):
             output["parameters"] = {"binary_data_size": len(tensor.raw)}
             blobs.append(tensor.raw)
         else:
@@ -283,6 +301,8 @@ def infer_response(response: WireResponse, response_format: ResponseFormat) -> t
 def _json_values(datatype: str, raw: bytes) -> list:
     if datatype == "BYTES":
         return [value.decode(errors="replace") for value in deserialize_bytes(raw)]
+    if datatype == "BF16":
+        return bf16_to_float32(np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype])).tolist()
     return np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).tolist()
 
 
