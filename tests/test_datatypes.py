@@ -184,6 +184,13 @@ def test_bytes_that_are_not_utf8_are_refused_by_element(stub):
                 .raw_output_contents[0], array)  # fmt: skip
 
 
+def test_a_model_that_parses_its_strings_loads_without_a_warmup_entry(stub):
+    array = np.array([[b"7", b"-12"], [b"0", b"40000"]], dtype=object)
+    response = stub.ModelInfer(grpc_request(models.PARSE_NUMBERS, "BYTES", array))
+    assert response.outputs[0].datatype == "INT32"
+    assert np.frombuffer(response.raw_output_contents[0], "<i4").tolist() == [7, -12, 0, 40000]
+
+
 @pytest.mark.parametrize(("raw", "message"), [
     (b"\x05\x00\x00\x00abc", "claims 5 bytes; only 3 remain"),
     (serialize_bytes([b"a"] * 5), "has 5 BYTES elements; shape [3, 2] needs 6"),

@@ -234,8 +234,12 @@ class OnnxModel:
 
     def warm_up(self) -> None:
         """One inference on zeros so that the first client request does not pay for
-        lazy allocations (skipped when a dimension other than the batch is variable)."""
+        lazy allocations. Skipped when a dimension other than the batch is variable, and for
+        BYTES inputs: zeros are valid for any numeric graph, but no string is for every
+        string graph (one that parses numbers refuses ""); a model_warmup entry gives real data."""
         if any(dim < 0 for spec in self.spec.inputs for dim in spec.dims):
+            return
+        if any(spec.dtype == object for spec in self.spec.inputs):
             return
         batch = [1] if self.spec.batching else []
         self.run({spec.name: zeros([*batch, *spec.dims], spec.dtype) for spec in self.spec.inputs})

@@ -90,7 +90,28 @@ def write_identity_model(root: Path, datatype: str) -> str:
     return name
 
 
+PARSE_NUMBERS = "parse_numbers"
+
+
+def write_parse_numbers_model(root: Path) -> str:
+    """BYTES in, INT32 out: Cast reads each element as a decimal number. An empty string is not
+    one, so the model only loads if the automatic warm-up leaves BYTES inputs alone."""
+    graph = helper.make_graph([helper.make_node("Cast", ["INPUT0"], ["OUTPUT0"], to=TensorProto.INT32)],
+                              PARSE_NUMBERS,
+                              [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["batch", 2])],
+                              [helper.make_tensor_value_info("OUTPUT0", TensorProto.INT32, ["batch", 2])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    (root / PARSE_NUMBERS / "1").mkdir(parents=True, exist_ok=True)
+    onnx.save(model, root / PARSE_NUMBERS / "1" / "model.onnx")
+    save_model_config(parse_model_config(
+        f'name: "{PARSE_NUMBERS}" platform: "onnxruntime_onnx" max_batch_size: {MAX_BATCH_SIZE} '
+        f'input [ {_tensor("INPUT0", "BYTES")} ] output [ {_tensor("OUTPUT0", "INT32")} ]'),
+        root / PARSE_NUMBERS / "config.pbtxt")
+    return PARSE_NUMBERS
+
+
 def write_repository(root: Path) -> Path:
+    write_parse_numbers_model(root)
     for datatype in DATATYPES:
         name = write_identity_model(root, datatype)
         ensemble = ensemble_name(datatype)
