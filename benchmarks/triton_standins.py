@@ -116,9 +116,10 @@ def standin_models() -> dict[str, tuple[onnx.ModelProto, int, dict[str, str]]]:
     }
 
 
-def write_repository(root: Path, with_configs: bool = True) -> list[str]:
-    """Writes every stand-in under `root`; returns the model names."""
-    for name, (model, max_batch_size, extra) in standin_models().items():
+def write_repository(root: Path, with_configs: bool = True, without: tuple[str, ...] = ()) -> list[str]:
+    """Writes every stand-in under `root` but those in `without`; returns the model names."""
+    models = {name: entry for name, entry in standin_models().items() if name not in without}
+    for name, (model, max_batch_size, extra) in models.items():
         version = root / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         onnx.save(model, version / "model.onnx")
@@ -126,7 +127,7 @@ def write_repository(root: Path, with_configs: bool = True) -> list[str]:
             (root / name / "config.pbtxt").write_text(_config(name, model, max_batch_size, extra))
     labels = "\n".join(f"CLASS_{i:04d}" for i in range(1000)) + "\n"
     (root / "densenet_onnx" / "densenet_labels.txt").write_text(labels)
-    return list(standin_models())
+    return list(models)
 
 
 def main() -> None:
