@@ -10,7 +10,9 @@ and no config; an INT32 Add with a fixed first dimension and no config (no batch
 partial config (name, backend, max_batch_size 8) on an FP32 Sub; FP16, BOOL and BYTES
 identities without config. Both servers get free ports; Triton runs through
 ../shared/tools/triton/serve (or --triton). Everything goes over HTTP with binary tensors,
-so the answers compare bit for bit. Exits 1 when a model's config or answer differs.
+so the answers compare bit for bit. Exits 1 when a model's completed config differs, or our
+answer is wrong: an identity's must be what was sent (Triton's onnxruntime backend cuts a
+BYTES element at its first NUL, so its answer to "a\\0b" is "a"), any other model's Triton's.
 
 Starts NVIDIA Triton: run it on purpose, not in CI.
 """
@@ -132,8 +134,9 @@ def infer(base: str, name: str, inputs: list) -> dict:
 def completed(config: dict) -> dict:
     """The fields auto-complete fills, comparable across the two servers."""
     def tensors(entries):
-        return [(entry["name"], entry["data_type"], [int(dim) for dim in entry.get("dims", [])])
-                for entry in entries]  # fmt: skip
+        # Sorted by name: Triton lists a graph's tensors in the order of its own map, not the graph's.
+        return sorted((entry["name"], entry["data_type"], [int(dim) for dim in entry.get("dims", [])])
+                      for entry in entries)  # fmt: skip
 
     return {"platform": config.get("platform", ""), "backend": config.get("backend", ""),
             "max_batch_size": int(config.get("max_batch_size", 0)), "dynamic_batching": "dynamic_batching" in config,
@@ -206,7 +209,14 @@ def main() -> None:
             entry["same_config"] = entry["ours"]["config"] == entry["triton"]["config"]
             answers = [entry[label]["answer"] for label in servers]
             entry["same_answer"] = answers[0] == answers[1] and not any("error" in answer for answer in answers)
-            differs |= not (entry["same_config"] and entry["same_answer"])
+            if name.startswith("auto_identity"):  # an identity's answer is right when it is what was sent
+                sent = _from_raw(inputs[0][0], _raw(*inputs[0]), list(inputs[0][1].shape))
+                for label in servers:
+                    entry[label]["answer_is_input"] = entry[label]["answer"].get("data") == sent
+                ours_right = entry["ours"]["answer_is_input"]
+            else:
+                ours_right = entry["same_answer"]
+            differs |= not (entry["same_config"] and ours_right)
     finally:
         for server in servers.values():
             server.stop()
@@ -218,7 +228,8 @@ def main() -> None:
             shown = config if isinstance(config, str) else {field: config[field] for field in FIELDS}
             print(f"  {label:6} {json.dumps(shown)}")
             if not entry["same_answer"]:
-                print(f"  {label:6} answer {json.dumps(entry[label]['answer'])[:300]}")
+                right = {True: " (what was sent)", False: " (NOT what was sent)"}.get(entry[label].get("answer_is_input"), "")
+                print(f"  {label:6} answer{right} {json.dumps(entry[label]['answer'])[:300]}")
     print(f"\nlogs: {workdir}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
