@@ -15,21 +15,9 @@ from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.process.supervisor import DeathWindow, TooManyDeaths, describe_exit
 from tests.support.requests import infer_request
-from tests.support.servers import wait_until
+from tests.support.servers import listening_workers, wait_until
 
 CONNECTIONS = 12  # load connections; the kernel spreads them over the two workers
-
-
-def _workers(server) -> list[psutil.Process]:
-    """The supervisor's children that listen on the gRPC port (a restarted one: once it has loaded)."""
-    def listens(process: psutil.Process) -> bool:
-        try:
-            return any(c.laddr.port == server.grpc_port and c.status == psutil.CONN_LISTEN
-                       for c in process.net_connections("tcp"))  # fmt: skip
-        except psutil.NoSuchProcess:
-            return False
-
-    return [child for child in psutil.Process(server.process.pid).children() if listens(child)]
 
 
 def _established(worker: psutil.Process, port: int) -> int:
@@ -45,7 +33,7 @@ def _metric(server, series: str) -> float:
 
 def _start_two(start_server, repository, *flags):
     server = start_server(repository, "--workers", "2", *flags, wait=False)
-    wait_until(server, lambda: len(_workers(server)) == 2 and _ready(server))
+    wait_until(server, lambda: len(listening_workers(server)) == 2 and _ready(server))
     return server
 
 
@@ -102,12 +90,12 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_requests_fail(start
     member = tiny_repository.members[0]
     with Load(server, member, tiny_repository.images(2, seed=1)) as load:
         wait_until(server, lambda: load.ok >= 200, timeout=60, what="under load")
-        victim, survivor = _workers(server)
+        victim, survivor = listening_workers(server)
         on_victim = _established(victim, server.grpc_port)
         assert on_victim > 0 and _established(survivor, server.grpc_port) > 0, "the connections went to one worker"
         ok_before = load.ok
         victim.kill()  # SIGKILL
-        wait_until(server, lambda: len(_workers(server)) == 2 and victim.pid not in [w.pid for w in _workers(server)],
+        wait_until(server, lambda: len(listening_workers(server)) == 2 and victim.pid not in [w.pid for w in listening_workers(server)],
                    timeout=90, what="restarted")  # fmt: skip
         ok_during = load.ok - ok_before
         time.sleep(1.0)
@@ -130,7 +118,7 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_requests_fail(start
     assert f"(pid {victim.pid}) killed by SIGKILL; restarting it in 0.5 s" in log
 
     # Both serve again: fresh connections reach the replacement too, and are answered.
-    replacement = next(w for w in _workers(server) if w.pid != survivor.pid)
+    replacement = next(w for w in listening_workers(server) if w.pid != survivor.pid)
     with Load(server, member, tiny_repository.images(1, seed=2)) as load:
         wait_until(server, lambda: load.ok >= 100, timeout=60, what="serving again")
         assert _established(replacement, server.grpc_port) > 0 and _established(survivor, server.grpc_port) > 0
@@ -143,11 +131,11 @@ def test_a_killed_worker_is_restarted_and_only_its_in_flight_requests_fail(start
 
 def test_workers_that_keep_dying_stop_the_server(start_server, tiny_repository):
     server = _start_two(start_server, tiny_repository, "--max-worker-deaths", "2", "--worker-death-window", "60")
-    first = _workers(server)[0]
+    first = listening_workers(server)[0]
     first.kill()
-    wait_until(server, lambda: len(_workers(server)) == 2 and first.pid not in [w.pid for w in _workers(server)],
+    wait_until(server, lambda: len(listening_workers(server)) == 2 and first.pid not in [w.pid for w in listening_workers(server)],
                timeout=90, what="restarted")  # fmt: skip
-    second = _workers(server)[0]
+    second = listening_workers(server)[0]
     second.kill()
     assert server.process.wait(timeout=60) == 1
     log = server.log()
@@ -157,7 +145,7 @@ def test_workers_that_keep_dying_stop_the_server(start_server, tiny_repository):
 
 def test_with_one_death_allowed_the_first_stops_the_server(start_server, tiny_repository):
     server = _start_two(start_server, tiny_repository, "--max-worker-deaths", "1")
-    victim = _workers(server)[0]
+    victim = listening_workers(server)[0]
     victim.kill()
     assert server.process.wait(timeout=60) == 1
     assert "server: error: 1 worker death within 60 s (--max-worker-deaths 1): worker-" in server.log()

@@ -16,23 +16,11 @@ from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.observability.statistics import merge_statistics
 from tests.support.requests import infer_request, probabilities
-from tests.support.servers import ROOT, free_port, server_command, wait_until
+from tests.support.servers import ROOT, free_port, listening_workers, server_command, wait_until
 
 TOKEN = "workers-test-token-0123456789abcdef"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 CONNECTIONS = 16  # all on one worker by chance: 2 in 2**16
-
-
-def _workers(server) -> list[psutil.Process]:
-    """The supervisor's children that listen on the gRPC port."""
-    def listens(process: psutil.Process) -> bool:
-        try:
-            return any(c.laddr.port == server.grpc_port and c.status == psutil.CONN_LISTEN
-                       for c in process.net_connections("tcp"))  # fmt: skip
-        except psutil.NoSuchProcess:
-            return False
-
-    return [child for child in psutil.Process(server.process.pid).children() if listens(child)]
 
 
 def _metric(server, name: str, **labels) -> float:
@@ -56,7 +44,7 @@ def two_workers(start_server, tiny_repository):
 def _all_ready(server) -> bool:
     """Both workers started and ready: the supervisor's ready gauge is their minimum."""
     try:
-        return len(_workers(server)) == 2 and _metric(server, "ensemble_server_ready") == 1.0
+        return len(listening_workers(server)) == 2 and _metric(server, "ensemble_server_ready") == 1.0
     except (requests.ConnectionError, AssertionError):
         return False  # the metrics port is not up yet, or no worker has written the gauge
 
@@ -91,7 +79,7 @@ def test_workers_share_the_ports_and_report_as_one_server(two_workers, connectio
     # The connections went to both workers...
     port = two_workers.grpc_port
     per_worker = [sum(1 for c in worker.net_connections("tcp") if c.laddr.port == port and c.status == "ESTABLISHED")
-                  for worker in _workers(two_workers)]  # fmt: skip
+                  for worker in listening_workers(two_workers)]  # fmt: skip
     assert min(per_worker) > 0, f"connections per worker: {per_worker}"
 
     # ...and whichever worker answers, ModelStatistics (gRPC and HTTP) counts both.
@@ -115,7 +103,7 @@ def test_workers_share_the_ports_and_report_as_one_server(two_workers, connectio
 
 
 def test_sigterm_drains_every_worker_then_exits_zero(two_workers, tiny_repository):
-    workers = _workers(two_workers)
+    workers = listening_workers(two_workers)
     two_workers.send_signal(signal.SIGTERM)
     assert two_workers.process.wait(timeout=60) == 0
     assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psutil
 
 from ensemble_serving.protocol import grpc_service_pb2 as pb
 from ensemble_serving.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -103,3 +104,16 @@ def wait_until_ready(server: RunningServer, timeout: float = SERVER_START_TIMEOU
     """ServerReady over a plaintext, token-less channel (a secured server needs its own probe)."""
     stub = server.stub()
     wait_until(server, lambda: stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready, timeout)
+
+
+def listening_workers(server) -> list[psutil.Process]:
+    """A --workers N server's worker processes: the supervisor's children that listen on the
+    gRPC port (a restarted one once it has loaded its models, since it opens the port after)."""
+    def listens(process: psutil.Process) -> bool:
+        try:
+            return any(c.laddr.port == server.grpc_port and c.status == psutil.CONN_LISTEN
+                       for c in process.net_connections("tcp"))  # fmt: skip
+        except psutil.NoSuchProcess:
+            return False
+
+    return [child for child in psutil.Process(server.process.pid).children() if listens(child)]
