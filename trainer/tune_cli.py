@@ -5,6 +5,7 @@ by any number of processes through its storage. See docs/training.md, "Tuning".
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -153,8 +154,14 @@ def _run(dataset, recipe, epochs, limits, study_name, storage, space, fixed, pru
         row = next(r for r in tune_report.trial_rows(study) if r["number"] == trial.number)
         progress.trial_done(row, _best_value(study))
 
-    with progress.running():
-        outcome = run_trials(study, objective, limits, on_trial_done=done)
+    # `kill PID` (a background study) ends the trial as Ctrl-C does, instead of leaving it RUNNING
+    # until the heartbeat's grace period marks it failed.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with progress.running():
+            outcome = run_trials(study, objective, limits, on_trial_done=done)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _report(study, study_dir, recipe, objective, full["epochs"], settings, outcome)
     return 130 if outcome.stopped_by == "interrupted" else 0
 
