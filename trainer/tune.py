@@ -59,15 +59,28 @@ class Outcome:
     stopped_by: str = ""  # which limit ended the run, or "interrupted"
 
 
-def make_storage(url: str):
-    """An RDB storage for the URL, with a heartbeat so a dead process's trials do not stay RUNNING."""
+def make_storage(url: str, attempts: int = 5):
+    """An RDB storage for the URL, with a heartbeat so a dead process's trials do not stay RUNNING.
+
+    Processes started together on a fresh database race to create Optuna's tables; the loser
+    meets an IntegrityError (or a locked SQLite file) and opens the storage again once the
+    winner is done.
+    """
+    import sqlalchemy.exc
+
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's words
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120)
-    except Exception as error:  # sqlalchemy's errors: a bad URL, an absent driver, no server
-        raise TrainerError(f"--storage {url}: cannot open it ({type(error).__name__}: {error})") from None
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's words
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30,
+                                                  grace_period=120)  # fmt: skip
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
+            if attempt == attempts - 1:
+                raise TrainerError(f"--storage {url}: cannot open it ({type(error).__name__}: {error})") from None
+            time.sleep(1 + attempt)
+        except Exception as error:  # sqlalchemy's other errors: a bad URL, an absent driver
+            raise TrainerError(f"--storage {url}: cannot open it ({type(error).__name__}: {error})") from None
 
 
 def make_pruner(name: str, startup_trials: int, max_epochs: int):
