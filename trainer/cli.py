@@ -1,5 +1,5 @@
 """`trainer` command line: train (one model or an ensemble of seeds), distill (a student from an exported
-teacher), evaluate, compare, recipes.
+teacher), tune (a hyperparameter search: tune_cli.py), evaluate, compare, recipes.
 
 Errors a user can fix (unknown dataset, missing files, impossible hyperparameters) are
 printed as one line, `trainer: error: ...`, with exit status 2 and no traceback.
@@ -144,7 +144,7 @@ def distill(teacher, dataset, temperature, alpha, **options):
     return _train_seeds(dataset, objective_for, "-distilled", **options)
 
 
-def _train_seeds(dataset, objective_for, name_suffix, architecture, seeds, data_dir, no_download, output_dir, name,
+def _train_seeds(dataset, objective_for, name_suffix, architecture, recipe_file, seeds, data_dir, no_download, output_dir, name,
                  val_fraction, split_seed, device, precision, channels_last, deterministic, threads, resume,
                  **overrides):  # fmt: skip
     """One run per seed; objective_for(train_set, env, hyper, cache path): what they minimize (None: cross-entropy)."""
@@ -155,10 +155,8 @@ def _train_seeds(dataset, objective_for, name_suffix, architecture, seeds, data_
     from trainer.errors import TrainerError
     from trainer.train import RunSpec, train_run
 
-    recipe = architecture or DEFAULT_ARCHITECTURE[dataset]
-    if recipe not in ARCHITECTURES_FOR[dataset] and os.environ.get("RANK", "0") == "0":
-        console.print(f"[yellow]note: {recipe} is tuned for {get_recipe(recipe)['dataset']}, not {dataset}[/]")
-    hyper = _apply_overrides(get_recipe(recipe), overrides)
+    recipe, base = _base_recipe(dataset, architecture, recipe_file)
+    hyper = _apply_overrides(base, overrides)
     architecture = architecture_of(recipe)
     hyper["recipe"] = recipe
     if threads is not None:
@@ -187,6 +185,24 @@ def _train_seeds(dataset, objective_for, name_suffix, architecture, seeds, data_
     if env.distributed:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _base_recipe(dataset: str, architecture: str | None, recipe_file: Path | None) -> tuple[str, dict]:
+    """(recipe name, hyperparameters) from --recipe-file, else the built-in recipe of --arch (or the default)."""
+    from trainer.errors import TrainerError
+    from trainer.recipe_file import load_recipe_file
+
+    if recipe_file is None:
+        recipe = architecture or DEFAULT_ARCHITECTURE[dataset]
+        if recipe not in ARCHITECTURES_FOR[dataset] and os.environ.get("RANK", "0") == "0":
+            console.print(f"[yellow]note: {recipe} is tuned for {get_recipe(recipe)['dataset']}, not {dataset}[/]")
+        return recipe, get_recipe(recipe)
+    recipe, hyper = load_recipe_file(recipe_file)
+    if architecture not in (None, recipe):
+        raise TrainerError(f"--recipe-file {recipe_file} is a {recipe} recipe, not --arch {architecture}; drop one")
+    if hyper["dataset"] != dataset:
+        raise TrainerError(f"--recipe-file {recipe_file} is a recipe for {hyper['dataset']}, not --dataset {dataset}")
+    return recipe, hyper
 
 
 _AUGMENTATION_KEYS = ("translate", "flip", "cutout")
@@ -347,6 +363,15 @@ def recipes(architecture):
         console.print(f"[bold]{name}[/] (network: {architecture_of(name)})")
         console.print_json(json.dumps(get_recipe(name)))
 
+
+def _add_tune() -> None:
+    """`trainer tune` lives in tune_cli.py (its options alone would push this module past its size)."""
+    from trainer.tune_cli import tune
+
+    main.add_command(tune)
+
+
+_add_tune()
 
 if __name__ == "__main__":
     main()

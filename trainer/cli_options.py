@@ -6,6 +6,8 @@ puts them all on a command, and cli.py passes them on to one run per seed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ensemble_serving.datasets import DATA_DIR_ENV
@@ -40,6 +42,9 @@ _TRAINING_OPTIONS = [
                  help="Network and its recipe (airbench_sgd: the airbench net with airbench94's SGD recipe). "
                        "Default: lenet for mnist, airbench for cifar10. "
                        "mnist: lenet, mnist_cnn; cifar10: cifar_cnn, airbench, airbench_sgd."),
+    click.option("--recipe-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Start from this JSON recipe (the best_recipe.json that `trainer tune` writes) instead of "
+                      "the built-in one; the flags below still override single entries."),
     click.option("--seeds", default="0", show_default=True, callback=_parse_seeds,
                  help="Comma-separated seeds; one run dir per seed (an ensemble: --seeds 0,1,2)."),
     click.option("--data-dir", type=click.Path(file_okay=False), default=None,

@@ -147,6 +147,38 @@ RECIPES: dict[str, dict] = {
     },
 }
 
+# What `trainer tune` searches, per recipe (trainer/search_space.py reads these). Each entry:
+# ("log", low, high) a float on a log scale, ("float", low, high), ("int", low, high), or
+# ("choice", [values]). Ranges bracket the recipe's own value (so the recipe is a point of
+# the space) by roughly 5x for rates and decays; widths are offered as whole stage lists.
+# A user narrows or fixes any entry with `trainer tune --space NAME=...`.
+_CNN_SPACE = {
+    "lr": ("log", 0.02, 1.0),
+    "weight_decay": ("log", 1e-5, 5e-3),
+    "batch_size": ("choice", [64, 128, 256, 512]),
+    "label_smoothing": ("float", 0.0, 0.25),
+    "dropout": ("float", 0.0, 0.5),
+    "warmup": ("float", 0.0, 0.3),
+    "schedule": ("choice", ["onecycle", "cosine"]),
+}
+_AIRBENCH_SPACE = {
+    "lr": ("log", 0.2, 3.0),
+    "weight_decay": ("log", 5e-4, 1e-2),
+    "batch_size": ("choice", [500, 1000, 2000]),
+    "label_smoothing": ("float", 0.0, 0.3),
+    "warmup": ("float", 0.0, 0.25),
+    "schedule": ("choice", ["onecycle", "cosine"]),
+    "widths": ("choice", [[48, 192, 192], [64, 256, 256], [96, 320, 320]]),
+}
+SEARCH_SPACES: dict[str, dict] = {
+    "lenet": {**_CNN_SPACE, "widths": ("choice", [[8, 16], [16, 32], [32, 64]]), "hidden": ("choice", [64, 128, 256])},
+    "mnist_cnn": {**_CNN_SPACE, "widths": ("choice", [[16, 32, 64], [32, 64, 128]])},
+    "cifar_cnn": {**_CNN_SPACE, "widths": ("choice", [[32, 64, 128], [64, 128, 256]])},
+    # Muon's step length is its own rate; lr is the SGD rate of the head and the shifts.
+    "airbench": {**_AIRBENCH_SPACE, "muon_lr": ("log", 0.05, 0.5)},
+    "airbench_sgd": {**_AIRBENCH_SPACE, "momentum": ("float", 0.7, 0.95)},
+}
+
 # Entries every recipe inherits unless it sets them.
 DEFAULTS: dict = {
     "optimizer": "sgd",

@@ -1,14 +1,11 @@
 """One training run: data -> network -> epochs -> run dir -> final test figure.
 
 Read top to bottom: RunSpec (what to train), predict (a serving model's probabilities),
-TrainingState (where the run is, what --resume restores), train_run (start or
-resume, the epochs, Ctrl-C), train_epoch (one pass over the data, minimizing the run's
-objective: objective.py), and finish_run, which
-writes the run dir and then measures test accuracy with the run dir's own ServingModel
-in fp32 on uint8 images, the exact module the exporter turns into ONNX.
-Beside it: recipes.py (hyperparameters and their check), data.py (the images, split and
-augmented), environment.py (device, DDP, precision), optim.py (optimizer, schedule,
-Lookahead), report.py (the training record and the progress display).
+TrainingState (where the run is, what --resume restores), train_run (start or resume, the
+epochs, Ctrl-C), train_epoch (one pass, minimizing objective.py's loss), and finish_run: the run
+dir, then test accuracy by its own ServingModel (fp32, uint8 images: the module exported to ONNX).
+Beside it: recipes.py, data.py (images, split, augmentation), environment.py (device, DDP,
+precision), optim.py (optimizer, schedule, Lookahead), report.py (training record, progress).
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -56,6 +54,8 @@ class RunSpec:
     resume: bool = False
     command: str = field(default_factory=lambda: " ".join(sys.argv))
     objective: CrossEntropy | None = None  # what to minimize (objective.py); None: CrossEntropy()
+    on_epoch: Callable[[dict], None] | None = None  # called with each epoch's history row (trainer tune: prune)
+    score_test: bool = True  # False (a tune trial): no test figure and no run dir record, the history only
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -171,6 +171,8 @@ def train_run(spec: RunSpec, env: Environment, train: Dataset, test: Dataset, co
     _train_epochs(run, report.EpochProgress(console, enabled=env.is_main))
     if run.lookahead is not None:
         run.lookahead.finish(run.network)
+    if not spec.score_test:  # a tune trial: its objective is the validation history, never the test set
+        return {"history": run.state.history, "train_seconds": run.state.train_seconds}
     summary = finish_run(spec, env, run.network, run.config, run.data, run.state, run.precision) if env.is_main else {}
     if env.distributed:
         dist.barrier()
@@ -253,6 +255,8 @@ def _train_epochs(run: _Run, progress: report.EpochProgress) -> None:
             state.step_in_epoch = 0
             progress.epoch_done(row)
             run.save_state()
+            if run.spec.on_epoch is not None:
+                run.spec.on_epoch(row)
     except KeyboardInterrupt:
         if run.env.is_main:
             run.save_state()
