@@ -37,9 +37,6 @@ from google.protobuf.message import Message
 from ensemble_serving.tensors import NUMPY_DTYPES, bf16_to_float32, deserialize_bytes, float32_to_bf16, serialize_bytes
 from server.inference.request_codec import (
     CLASSIFICATION_PARAMETERS,
-    SHM_BYTE_SIZE,
-    SHM_OFFSET,
-    SHM_REGION,
     RequestedOutput,
     WireInput,
     WireRequest,
@@ -280,11 +277,13 @@ def infer_response(response: WireResponse, response_format: ResponseFormat) -> t
     outputs = header["outputs"] = []
     for tensor in response.outputs:
         output = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
-        if tensor.region is not None:  # written to shared memory: say where, as Triton does
-            output["parameters"] = {SHM_REGION: tensor.region.name, SHM_BYTE_SIZE: tensor.region.byte_size}
-            if tensor.region.offset:
-                output["parameters"][SHM_OFFSET] = tensor.region.offset
-        elif response_format.is_binary(tensor.name):
+        # An output written to shared memory gets name, datatype and shape only, as Triton
+        # answers: clients built on Triton's C++ HTTP client (perf_analyzer) read an output's
+        # parameters as binary data and fail on one without binary_data_size.
+        if tensor.region is not None:
+            outputs.append(output)
+            continue
+        if response_format.is_binary(tensor.name):
             output["parameters"] = {"binary_data_size": len(tensor.raw)}
             blobs.append(tensor.raw)
         else:
