@@ -304,7 +304,9 @@ def from_grpc(request: pb.ModelInferRequest) -> WireRequest:
     regions: list[Region | None] = []
     for tensor in request.inputs:
         try:
-            regions.append(shm_region(f"input {tensor.name!r}", _parameter_values(tensor.parameters)))
+            # Only a tensor with parameters can name a region: the rest pay for no lookup.
+            regions.append(shm_region(f"input {tensor.name!r}", _parameter_values(tensor.parameters))
+                           if tensor.parameters else None)
         except InferenceError as error:
             malformed = malformed or error.message
             regions.append(None)
@@ -339,13 +341,13 @@ def from_grpc(request: pb.ModelInferRequest) -> WireRequest:
 def _parameter_values(parameters) -> dict:
     """A gRPC parameters map's values as Python values (shared-memory keys only: the others
     are read where they are used)."""
-    if not parameters:
-        return {}
     return {key: getattr(parameters[key], parameters[key].WhichOneof("parameter_choice") or "string_param")
             for key in (SHM_REGION, SHM_BYTE_SIZE, SHM_OFFSET) if key in parameters}  # fmt: skip
 
 
 def _grpc_requested_output(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> RequestedOutput:
+    if not output.parameters:
+        return requested_output(output.name)
     region = shm_region(f"output {output.name!r}", _parameter_values(output.parameters))
     for key in CLASSIFICATION_PARAMETERS:
         if key in output.parameters:

@@ -192,8 +192,12 @@ def _read_config(directory: Path, completion: AutoComplete) -> ModelConfig:
     try:
         return load_model_config(directory / CONFIG_FILENAME)
     except ModelConfigError as error:
-        hint = " (auto-complete is off: --disable-auto-complete-config)" if not completion.enabled else ""
-        raise RepositoryError(f"model {name!r}: {error}{hint}") from None
+        raise RepositoryError(f"model {name!r}: {error}{_off_hint(completion)}") from None
+
+
+def _off_hint(completion: AutoComplete) -> str:
+    """Said after a config that is incomplete only because auto-complete was turned off."""
+    return "" if completion.enabled else " (auto-complete is off: --disable-auto-complete-config)"
 
 
 def _complete(config: ModelConfig, directory: Path, version: str, completion: AutoComplete) -> None:
@@ -244,8 +248,8 @@ def read_model(directory: Path, config: ModelConfig | None = None,
     inputs = _tensor_specs("input", config.input, directory, name)
     outputs = _tensor_specs("output", config.output, directory, name)
     if not inputs or not outputs:
-        hint = " (auto-complete is off: --disable-auto-complete-config)" if not completion.enabled else ""
-        raise RepositoryError(f"model {name!r}: config.pbtxt must declare at least one input and one output{hint}")
+        raise RepositoryError(f"model {name!r}: config.pbtxt must declare at least one input and one output"
+                              f"{_off_hint(completion)}")
 
     steps: tuple[EnsembleStep, ...] = ()
     if is_ensemble:

@@ -242,12 +242,7 @@ class OnnxModel:
         if any(spec.dtype == object for spec in self.spec.inputs):
             return
         batch = [1] if self.spec.batching else []
-        self.run({spec.name: zeros([*batch, *spec.dims], spec.dtype) for spec in self.spec.inputs})
-
-
-def zeros(shape: list[int], dtype: np.dtype) -> np.ndarray:
-    """A tensor of zeros; for BYTES (object arrays) of empty strings, which onnxruntime takes."""
-    return np.full(shape, "", dtype=object) if dtype == object else np.zeros(shape, dtype)
+        self.run({spec.name: np.zeros([*batch, *spec.dims], spec.dtype) for spec in self.spec.inputs})
 
 
 _ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16 (the server does not import onnx)

@@ -19,7 +19,7 @@ import numpy as np
 from ensemble_serving.model_config import ModelConfigError, datatype_name
 from ensemble_serving.tensors import NUMPY_DTYPES, deserialize_bytes, float32_to_bf16
 from server.models.repository import ModelSpec, RepositoryError, inside_model_folder
-from server.models.runtime import OnnxModel, zeros
+from server.models.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _input_data(spec: ModelSpec, where: str, name: str, warmup_input, batch: lis
     shape = [*batch, *warmup_input.dims]
     kind = warmup_input.WhichOneof("input_data_type")
     if datatype == "BYTES" and kind != "input_data_file":
-        return zeros(shape, dtype)  # empty strings: random text warms nothing more up
+        return np.full(shape, "", dtype=object)  # empty strings: random text warms nothing more up
     if datatype == "BF16" and kind == "random_data":
         return float32_to_bf16(rng.random(shape, dtype=np.float32))
     if kind == "random_data":
