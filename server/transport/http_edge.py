@@ -9,7 +9,8 @@ subclasses that protocol with three limits, each counted when it closes a connec
 
   header_timeout      complete headers must arrive within --http-header-timeout of the
                       connection's start, or of the first byte of its next request on a
-                      kept-alive connection; else 408 and close (nginx's client_header_timeout)
+                      kept-alive connection; else 408, then close (after LINGER_S of reading
+                      what still arrives; nginx's client_header_timeout and lingering_close)
   keep_alive_timeout  an idle kept-alive connection is closed after --http-keep-alive-timeout
                       (uvicorn's own timer, counted here)
   max_connections     beyond --http-max-connections open at once, a new connection is closed
@@ -27,6 +28,11 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+# After the 408, how long the connection keeps reading (and dropping) what the client still
+# sends before it closes: a close with the client's bytes still arriving makes the kernel
+# answer them with a reset, which discards the 408 from the client's buffer before it reads
+# it (nginx's lingering_close, for the same reason).
+LINGER_S = 2.0
 # Sent before closing a connection whose headers did not arrive in time.
 _TIMEOUT_BODY = b"request headers not received in time"
 _REQUEST_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -56,6 +62,7 @@ class _EdgeProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
         self._header_timer: TimerHandle | None = None
+        self._lingering = False  # answered 408, write side shut: the client's bytes are dropped
         self._in_headers = False  # a request has begun and its headers are not complete yet
         self._counted_open = False
         limit = self._limits.max_connections
@@ -85,6 +92,8 @@ class _EdgeProtocol(HttpToolsProtocol):
     # connection gets a timer only if its headers did not all come in one read (the usual
     # case is that they do), so the hot path pays for no timer per request.
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         super().data_received(data)
         if self._in_headers and not self.transport.is_closing():
             self._arm_header_timer()  # the next request's headers are incomplete: its own deadline
@@ -113,7 +122,12 @@ class _EdgeProtocol(HttpToolsProtocol):
             return
         self._limits.on_close("header_timeout")
         self.transport.write(_REQUEST_TIMEOUT_RESPONSE)
-        self.transport.close()
+        if not self.transport.can_write_eof():  # TLS: no half-close, so close at once
+            self.transport.close()
+            return
+        self._lingering = True
+        self.transport.write_eof()  # the 408 and a FIN; reading goes on for LINGER_S
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     # -- the keep-alive timeout (uvicorn's timer; counted) ------------------------------------
     def timeout_keep_alive_handler(self) -> None:
